@@ -1,0 +1,1 @@
+"""Data: TFDS builders, sources, Grain transforms and pipelines."""

@@ -1,0 +1,1 @@
+"""Metrics: classification, generative and clustering metrics, and metric writers."""

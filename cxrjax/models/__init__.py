@@ -1,0 +1,1 @@
+"""Models: flax.linen modules only; they never import data or training code."""

@@ -1,0 +1,1 @@
+"""Training: train states, optimizers, pure jitted steps and the shared loop."""

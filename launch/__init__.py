@@ -1,0 +1,1 @@
+"""Absl entry points. Flags end here: nothing in cxrjax/ reads FLAGS."""
