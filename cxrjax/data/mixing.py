@@ -1,0 +1,298 @@
+"""Which records a run trains on: labels, scarcity, real/synthetic mixing, balanced epochs.
+
+Everything here works on indices and labels, never on decoded images, and is deterministic
+given its seed, so an experiment ("10 % of normal, plus synthetic normals") is reproducible and
+can be checked by counting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cxrjax.data import sources
+
+
+def _rng(*words: int) -> np.random.Generator:
+    """A generator keyed by a tuple of non-negative ints (seed, purpose, class, ...)."""
+    return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
+
+
+def round_half_up(value: float) -> int:
+    """Rounds x.5 up (Python's round() would go to even), the documented count rule here."""
+    return int(np.floor(value + 0.5))
+
+
+def read_labels(source: Any, cache_path: str | os.PathLike | None = None, chunk_size: int = 1024):
+    """Reads every record's label in chunks: int64 [N] (multi-class) or [N, C] (multi-label).
+
+    Uses `source.__getitems__` when present (TFDS data sources read a chunk at once). With
+    `cache_path`, loads a previously saved .npy when its length matches the source, and writes
+    one otherwise (atomically, so concurrent processes never read a half-written file).
+    """
+    if cache_path is not None and os.path.exists(cache_path):
+        labels = np.load(cache_path)
+        if len(labels) != len(source):
+            raise ValueError(
+                f"label cache {cache_path} has {len(labels)} rows but the source has "
+                f"{len(source)} records; delete the stale cache"
+            )
+        return labels
+    getitems = getattr(source, "__getitems__", None)
+    chunks = []
+    for start in range(0, len(source), chunk_size):
+        indices = list(range(start, min(start + chunk_size, len(source))))
+        records = getitems(indices) if getitems else [source[i] for i in indices]
+        chunks.append(np.stack([np.asarray(record["label"]) for record in records]))
+    if not chunks:
+        raise ValueError("cannot read labels of an empty source")
+    labels = np.concatenate(chunks)
+    labels = labels.astype(np.int64) if labels.ndim == 1 else labels.astype(np.float32)
+    if cache_path is not None:
+        tmp_path = f"{os.fspath(cache_path)}.{os.getpid()}.tmp.npy"
+        np.save(tmp_path, labels)
+        os.replace(tmp_path, cache_path)
+    return labels
+
+
+def _class_index(key: str | int, class_names: Sequence[str] | None) -> int:
+    if isinstance(key, str):
+        if class_names is None or key not in class_names:
+            raise ValueError(f"unknown class {key!r}; class names: {class_names}")
+        return list(class_names).index(key)
+    return int(key)
+
+
+def _members(labels: np.ndarray, class_index: int) -> np.ndarray:
+    """Indices of class c: label == c (multi-class) or label[c] == 1 (multi-label)."""
+    if labels.ndim == 1:
+        return np.flatnonzero(labels == class_index)
+    return np.flatnonzero(labels[:, class_index] > 0.5)
+
+
+def scarce_indices(
+    labels: np.ndarray,
+    keep: Mapping[str | int, float],
+    *,
+    seed: int,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Sorted indices keeping a random fraction of some classes and every record of the others.
+
+    `keep` maps a class (name or index) to the fraction kept, e.g. {"normal": 0.1}. A class of
+    n records keeps exactly round_half_up(fraction * n) of them, chosen without replacement by
+    a generator keyed by (seed, class index), so other classes' choices do not shift it.
+    Multi-label: a record belongs to class c when label[c] == 1; the listed classes must then be
+    disjoint (e.g. "No Finding"), otherwise what to drop would be ambiguous and this raises.
+    """
+    labels = np.asarray(labels)
+    dropped = np.zeros(len(labels), dtype=bool)
+    claimed = np.zeros(len(labels), dtype=bool)
+    for key, fraction in keep.items():
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"keep fraction for {key!r} must be in [0, 1], got {fraction}")
+        class_index = _class_index(key, class_names)
+        num_classes = labels.shape[1] if labels.ndim == 2 else None
+        if class_index < 0 or (num_classes is not None and class_index >= num_classes):
+            raise ValueError(f"class index {class_index} out of range")
+        members = _members(labels, class_index)
+        if claimed[members].any():
+            raise ValueError(f"class {key!r} overlaps another class in `keep` (multi-label)")
+        claimed[members] = True
+        num_kept = round_half_up(fraction * len(members))
+        kept = _rng(seed, 1, class_index).choice(members, size=num_kept, replace=False)
+        dropped[members] = True
+        dropped[kept] = False
+    return np.flatnonzero(~dropped)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A source taking part in training, with an optional index selection and its provenance."""
+
+    source: Any
+    name: str = "real"
+    synthetic: bool = False
+    indices: np.ndarray | None = None  # selected records of `source`; None = all
+
+    def __len__(self) -> int:
+        return len(self.source) if self.indices is None else len(self.indices)
+
+    def source_index(self, position: int) -> int:
+        return position if self.indices is None else int(self.indices[position])
+
+    def selected(self) -> np.ndarray:
+        return np.arange(len(self.source)) if self.indices is None else np.asarray(self.indices)
+
+
+class MixedSource:
+    """Random-access concatenation of Parts; records gain `index`, `source` and `is_synthetic`.
+
+    `index` is the record's index in its own source, `source` the part number (names in
+    `names`), and `id` is made a str, so every pipeline sees one record layout whatever the
+    underlying sources are.
+    """
+
+    def __init__(self, parts: Sequence[Part]):
+        if not parts:
+            raise ValueError("MixedSource needs at least one part")
+        self.parts = tuple(parts)
+        self.names = tuple(part.name for part in self.parts)
+        self._offsets = np.cumsum([0] + [len(part) for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for MixedSource of length {len(self)}")
+        part = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return part, self.parts[part].source_index(index - int(self._offsets[part]))
+
+    def _tag(self, record: Mapping, part: int, source_index: int) -> dict:
+        record = dict(record)
+        record_id = record.get("id", str(source_index))
+        record["id"] = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
+        record["index"] = np.int32(source_index)
+        record["source"] = np.int32(part)
+        record["is_synthetic"] = np.bool_(self.parts[part].synthetic)
+        return record
+
+    def __getitem__(self, index: int) -> dict:
+        part, source_index = self._locate(int(index))
+        return self._tag(self.parts[part].source[source_index], part, source_index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """Reads grouped by part, using each source's own batched read when it has one."""
+        located = [self._locate(int(i)) for i in indices]
+        records: list[dict | None] = [None] * len(located)
+        for part_number, part in enumerate(self.parts):
+            positions = [k for k, (p, _) in enumerate(located) if p == part_number]
+            if not positions:
+                continue
+            wanted = [located[k][1] for k in positions]
+            getitems = getattr(part.source, "__getitems__", None)
+            fetched = getitems(wanted) if getitems else [part.source[i] for i in wanted]
+            for k, record, source_index in zip(positions, fetched, wanted, strict=True):
+                records[k] = self._tag(record, part_number, source_index)
+        return records
+
+    def select_labels(self, part_labels: Sequence[np.ndarray]) -> np.ndarray:
+        """This source's labels from each part's full-source labels (e.g. cached read_labels)."""
+        if len(part_labels) != len(self.parts):
+            raise ValueError(f"got labels for {len(part_labels)} parts, have {len(self.parts)}")
+        return np.concatenate(
+            [
+                np.asarray(labels)[part.selected()]
+                for labels, part in zip(part_labels, self.parts, strict=True)
+            ]
+        )
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{p.name}{'*' if p.synthetic else ''}={len(p)}" for p in self.parts)
+        return f"MixedSource({parts})"
+
+
+def as_mixed(source: Any) -> MixedSource:
+    """Wraps a plain source, a Part or a sequence of Parts as a MixedSource."""
+    if isinstance(source, MixedSource):
+        return source
+    if isinstance(source, Part):
+        return MixedSource([source])
+    if isinstance(source, Sequence) and source and all(isinstance(p, Part) for p in source):
+        return MixedSource(source)
+    return MixedSource([Part(source)])
+
+
+def mix(
+    real: Part | Sequence[Part],
+    synthetic: Part | Sequence[Part],
+    *,
+    seed: int,
+    fraction: float | None = None,
+    count: int | None = None,
+) -> MixedSource:
+    """Real parts plus a seeded selection of synthetic records, as one MixedSource.
+
+    Give exactly one of `fraction` (synthetic share of the mixed epoch: round_half_up(f * R /
+    (1 - f)) synthetic records for R real ones) or `count` (exact number of synthetic
+    records). Synthetic records are drawn without replacement from the pooled synthetic parts;
+    asking for more than exist raises rather than silently repeating images. The share holds
+    exactly per epoch; within a batch it varies around it because the epoch is shuffled.
+    """
+    real_parts = [real] if isinstance(real, Part) else list(real)
+    synthetic_parts = [synthetic] if isinstance(synthetic, Part) else list(synthetic)
+    if (fraction is None) == (count is None):
+        raise ValueError("give exactly one of `fraction` or `count`")
+    num_real = sum(len(part) for part in real_parts)
+    if fraction is not None:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"synthetic fraction must be in [0, 1), got {fraction}")
+        count = round_half_up(fraction * num_real / (1.0 - fraction))
+    available = sum(len(part) for part in synthetic_parts)
+    if not 0 <= count <= available:
+        raise ValueError(
+            f"need {count} synthetic records but the synthetic parts hold {available}; "
+            "generate more or lower the fraction/count"
+        )
+    # Pool (part, source index) pairs, then choose `count` of them.
+    pool_part = np.concatenate([np.full(len(p), k) for k, p in enumerate(synthetic_parts)])
+    pool_index = np.concatenate([p.selected() for p in synthetic_parts])
+    chosen = np.sort(_rng(seed, 2).choice(len(pool_part), size=count, replace=False))
+    chosen_parts = []
+    for k, part in enumerate(synthetic_parts):
+        indices = pool_index[chosen[pool_part[chosen] == k]]
+        chosen_parts.append(dataclasses.replace(part, synthetic=True, indices=indices))
+    return MixedSource(real_parts + chosen_parts)
+
+
+def balanced_epoch(
+    labels: np.ndarray, num_classes: int, per_class: int, *, seed: int, epoch: int
+) -> np.ndarray:
+    """Positions into `labels` for one class-balanced epoch: `per_class` draws of every class.
+
+    The epoch is laid out in rounds of one record per class (class order shuffled in each
+    round), so any batch whose size is a multiple of the class count, aligned to the epoch
+    start, holds exactly batch / K of every class. Each class is walked through an endless
+    sequence of fresh permutations of its records: large classes are undersampled without
+    repeats until exhausted, and small ones are repeated, each record as evenly as possible.
+    Multi-class only.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(
+            "class-balanced sampling needs multi-class labels [N]; for multi-label data "
+            "(several findings per image) use a weighted loss instead"
+        )
+    columns = []
+    for class_index in range(num_classes):
+        members = np.flatnonzero(labels == class_index)
+        if len(members) == 0:
+            raise ValueError(f"class {class_index} has no records to balance with")
+        start = epoch * per_class
+        first_cycle, last_cycle = start // len(members), (start + per_class - 1) // len(members)
+        stream = np.concatenate(
+            [
+                members[_rng(seed, 3, class_index, cycle).permutation(len(members))]
+                for cycle in range(first_cycle, last_cycle + 1)
+            ]
+        )
+        offset = start - first_cycle * len(members)
+        columns.append(stream[offset : offset + per_class])
+    rounds = np.stack(columns, axis=1)  # [per_class, K]
+    return _rng(seed, 4, epoch).permuted(rounds, axis=1).reshape(-1)
+
+
+def check_balanceable(labels: np.ndarray, spec: sources.DatasetSpec) -> None:
+    """Raises unless `labels` are multi-class labels within the spec's classes."""
+    if spec.label_kind != sources.MULTICLASS or np.asarray(labels).ndim != 1:
+        raise ValueError(
+            f"{spec.name}: class-balanced sampling is defined for multi-class labels only; "
+            "for multi-label data use a weighted loss instead"
+        )
+    if len(labels) and int(np.max(labels)) >= spec.num_classes:
+        raise ValueError(f"{spec.name}: label {int(np.max(labels))} >= {spec.num_classes} classes")

@@ -1,0 +1,414 @@
+"""Grain input pipelines: training batches (sharded, shuffled, augmented) and padded eval batches.
+
+Training order: source -> (scarcity/mixing selection, done by `mixing` before the call) -> shard
+by process -> shuffle(seed), re-shuffled every epoch (or class-balanced epochs) -> decode ->
+resize -> augment -> float -> labels -> batch -> to_iter_dataset -> optional worker processes.
+
+Everything before `to_iter_dataset` is a random-access `MapDataset`, so an iterator's whole state
+is the index of the next batch: `get_state()` is a tiny JSON dict, restoring it resumes on
+exactly the next batch, and the batches do not depend on the number of threads or workers.
+Batches are the process-local slice of the global batch, ready for
+`jax.make_array_from_process_local_data`; drop the string `id` field (HOST_ONLY_KEYS) first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from cxrjax.data import mixing, sources, transforms
+
+TRAIN_KEYS = ("image", "label", "index", "source", "is_synthetic")
+EVAL_KEYS = (*TRAIN_KEYS, "mask", "id")
+HOST_ONLY_KEYS = ("id",)  # str arrays: keep on the host to match predictions to records.
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Where this process sits: its index among processes, and the global device count."""
+
+    process_index: int
+    process_count: int
+    device_count: int
+
+
+def resolve_topology(
+    process_index: int | None = None,
+    process_count: int | None = None,
+    device_count: int | None = None,
+) -> Topology:
+    """Fills unset fields from jax (imported here only, so worker processes never load it)."""
+    if process_index is None or process_count is None or device_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        device_count = jax.device_count() if device_count is None else device_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return Topology(int(process_index), int(process_count), int(device_count))
+
+
+def local_batch_size(global_batch_size: int, topology: Topology) -> int:
+    """This process's share of the global batch, after checking it divides evenly."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if global_batch_size % topology.process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by process_count "
+            f"{topology.process_count}: every process must load the same number of examples"
+        )
+    if global_batch_size % topology.device_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by device_count "
+            f"{topology.device_count}: the batch is split evenly over the 'data' mesh axis"
+        )
+    return global_batch_size // topology.process_count
+
+
+def derive_seed(seed: int, *words: int) -> int:
+    """A 32-bit seed (what Grain accepts) for one purpose, from the run seed and context words."""
+    return int(np.random.SeedSequence([int(seed), *map(int, words)]).generate_state(1)[0])
+
+
+def shard_size(num_records: int, process_count: int) -> int:
+    """Records per process for training: equal for all, dropping at most process_count - 1."""
+    size = num_records // process_count
+    if size == 0:
+        raise ValueError(f"{num_records} records cannot be sharded over {process_count} processes")
+    return size
+
+
+def steps_per_epoch(
+    num_records: int,
+    global_batch_size: int,
+    *,
+    process_count: int = 1,
+    balanced_classes: int | None = None,
+) -> int:
+    """Full training batches in one epoch, as `make_train_dataset` defines an epoch."""
+    size = shard_size(num_records, process_count)
+    if balanced_classes:
+        size = max(1, size // balanced_classes) * balanced_classes
+    return size // (global_batch_size // process_count)
+
+
+class BalancedEpochs(grain.MapDataset):
+    """Class-balanced epochs over `parent`; epoch e is `mixing.balanced_epoch(..., epoch=e)`."""
+
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        labels: np.ndarray,
+        num_classes: int,
+        *,
+        seed: int,
+        num_epochs: int | None = None,
+    ):
+        super().__init__(parent)
+        if len(labels) != len(parent):
+            raise ValueError(f"{len(labels)} labels for a dataset of {len(parent)} records")
+        self._labels = np.asarray(labels)
+        self._num_classes = num_classes
+        self._seed = seed
+        # Epoch length close to the shard size, a multiple of the class count.
+        self._per_class = max(1, len(parent) // num_classes)
+        self._epoch_length = self._per_class * num_classes
+        self._length = sys.maxsize if num_epochs is None else num_epochs * self._epoch_length
+        self._init_cache()
+        mixing.balanced_epoch(self._labels, num_classes, 1, seed=seed, epoch=0)  # Fails early.
+
+    def _init_cache(self):
+        self._lock = threading.Lock()
+        self._plans: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        # Worker processes get a copy without the lock and rebuild plans on demand.
+        state = dict(self.__dict__)
+        del state["_lock"], state["_plans"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def _plan(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is None:
+                plan = mixing.balanced_epoch(
+                    self._labels, self._num_classes, self._per_class, seed=self._seed, epoch=epoch
+                )
+                # Threads read neighbouring epochs at a boundary; keep only a few plans.
+                if len(self._plans) >= 4:
+                    self._plans.pop(min(self._plans))
+                self._plans[epoch] = plan
+            return plan
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(int(index), self._epoch_length)
+        return self._parent[int(self._plan(epoch)[position])]
+
+    def __str__(self) -> str:
+        return f"BalancedEpochs(per_class={self._per_class}, classes={self._num_classes})"
+
+
+def _resolution(resolution: int | None, spec: sources.DatasetSpec) -> int:
+    resolution = spec.resolution if resolution is None else resolution
+    if resolution is None or resolution <= 0:
+        raise ValueError(f"{spec.name}: give a positive resolution (the spec has none)")
+    return int(resolution)
+
+
+def _finish(
+    ds: grain.MapDataset,
+    *,
+    batch_size: int,
+    drop_remainder: bool,
+    num_workers: int,
+    num_threads: int,
+) -> grain.IterDataset:
+    """Batches in the MapDataset (so batches do not depend on workers), then prefetches."""
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # Elements are whole batches here: a few in flight per thread bound the host memory.
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * max(1, num_threads))
+    iter_ds = ds.to_iter_dataset(read)
+    if num_workers > 0:
+        # Grain reads an absl flag when starting workers with jax's profiler loaded; outside an
+        # absl app (tests, notebooks, benchmarks) the flags are unparsed, so use the defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+        iter_ds = iter_ds.mp_prefetch(options)
+    return iter_ds
+
+
+def make_train_dataset(
+    source: Any,
+    spec: sources.DatasetSpec,
+    *,
+    global_batch_size: int,
+    seed: int,
+    resolution: int | None = None,
+    augment: Any = None,
+    normalization: Any = "generator",
+    balanced: bool = False,
+    labels: np.ndarray | None = None,
+    num_epochs: int | None = None,
+    num_workers: int = 0,
+    num_threads: int = 2,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    device_count: int | None = None,
+) -> grain.IterDataset:
+    """Training batches for this process: dicts with TRAIN_KEYS, leading dim global/process_count.
+
+    `source`: a record source, a `mixing.Part`, a list of Parts or a `mixing.MixedSource`.
+    `augment`: AugmentConfig, Mapping or ConfigDict (None = defaults; `enabled=False` = none).
+    `normalization`: a preset ("generator" = [-1, 1], "unit", "imagenet"), (mean, std) or Mapping.
+    `balanced`: every epoch draws each class equally (multi-class only); `labels` aligned with
+    `source` skip reading them (see `mixing.read_labels` for a cached read).
+    `num_epochs`: None repeats forever. Each epoch is a fresh shuffle of this process's shard;
+    batches run across epoch boundaries, so only the very last partial batch is dropped.
+    """
+    topology = resolve_topology(process_index, process_count, device_count)
+    batch_size = local_batch_size(global_batch_size, topology)
+    resolution = _resolution(resolution, spec)
+    augment = transforms.AugmentConfig.from_config(augment)
+    normalization = transforms.Normalization.from_config(normalization)
+    mixed = mixing.as_mixed(source)
+    size = shard_size(len(mixed), topology.process_count)
+    p, count = topology.process_index, topology.process_count
+
+    # Strided shards: disjoint, and each sees every class even when the source is sorted by it.
+    ds = grain.MapDataset.source(mixed)[p::count][:size]
+    if balanced:
+        labels = mixing.read_labels(mixed) if labels is None else np.asarray(labels)
+        if len(labels) != len(mixed):
+            raise ValueError(f"{len(labels)} labels given for a source of {len(mixed)} records")
+        mixing.check_balanceable(labels, spec)
+        ds = BalancedEpochs(
+            ds,
+            labels[p::count][:size],
+            spec.num_classes,
+            seed=derive_seed(seed, p, 1),
+            num_epochs=num_epochs,
+        )
+    else:
+        # MapDataset.shuffle seeds epoch e with (seed + e) for indices past the first epoch,
+        # so shuffle-then-repeat gives a fresh permutation every epoch (tested).
+        ds = ds.shuffle(seed=derive_seed(seed, p, 1)).repeat(num_epochs)
+    if num_epochs is not None and len(ds) < batch_size:
+        raise ValueError(
+            f"{len(ds)} records over {num_epochs} epochs make no batch of {batch_size}"
+        )
+
+    ds = ds.map(transforms.DecodeImage()).map(transforms.ResizeImage(resolution))
+    if augment.enabled:
+        # The rng is keyed by (seed, position in the repeated stream) = (seed, epoch, index).
+        ds = ds.random_map(transforms.RandomAugment(augment), seed=derive_seed(seed, p, 2))
+    ds = ds.map(transforms.ToFloat(normalization))
+    ds = ds.map(transforms.CastLabel(spec.label_kind, spec.num_classes))
+    ds = ds.map(transforms.SelectFields(TRAIN_KEYS))
+    return _finish(
+        ds,
+        batch_size=batch_size,
+        drop_remainder=True,
+        num_workers=num_workers,
+        num_threads=num_threads,
+    )
+
+
+def make_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
+    """`iter(make_train_dataset(...))`: a checkpointable iterator (get_state / set_state)."""
+    return iter(make_train_dataset(*args, **kwargs))
+
+
+class _EvalShard:
+    """Random-access view of one process's eval positions; -1 marks a padding record."""
+
+    def __init__(self, mixed: mixing.MixedSource, positions: np.ndarray, pad: dict):
+        self._mixed = mixed
+        self._positions = positions
+        self._pad = pad
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, index: int) -> dict:
+        position = int(self._positions[index])
+        if position < 0:
+            return dict(self._pad)
+        record = self._mixed[position]
+        record["mask"] = np.bool_(True)
+        return record
+
+
+def eval_num_batches(num_records: int, global_batch_size: int, process_count: int = 1) -> int:
+    """Batches every process yields for eval (the same on all, the last ones padded)."""
+    per_process = math.ceil(num_records / process_count)
+    return max(1, math.ceil(per_process / (global_batch_size // process_count)))
+
+
+def make_eval_dataset(
+    source: Any,
+    spec: sources.DatasetSpec,
+    *,
+    global_batch_size: int,
+    resolution: int | None = None,
+    normalization: Any = "generator",
+    num_workers: int = 0,
+    num_threads: int = 2,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    device_count: int | None = None,
+) -> grain.IterDataset:
+    """Eval batches: no augmentation, fixed order, every record exactly once over all processes.
+
+    Process p reads the contiguous block [p * ceil(N / P), ...). Every process yields
+    `eval_num_batches(...)` full batches; padding rows have `mask` False, `index` -1 and id "".
+    Batches carry EVAL_KEYS; `id` (str) and `index` match predictions to records. Iterating the
+    returned dataset again starts from the beginning.
+    """
+    topology = resolve_topology(process_index, process_count, device_count)
+    batch_size = local_batch_size(global_batch_size, topology)
+    resolution = _resolution(resolution, spec)
+    normalization = transforms.Normalization.from_config(normalization)
+    mixed = mixing.as_mixed(source)
+    if len(mixed) == 0:
+        raise ValueError(f"{spec.name}: empty eval source")
+    per_process = math.ceil(len(mixed) / topology.process_count)
+    start = min(len(mixed), topology.process_index * per_process)
+    stop = min(len(mixed), start + per_process)
+    num_batches = eval_num_batches(len(mixed), global_batch_size, topology.process_count)
+    positions = np.full(num_batches * batch_size, -1, dtype=np.int64)
+    positions[: stop - start] = np.arange(start, stop)
+    pad_label = 0 if spec.label_kind == sources.MULTICLASS else np.zeros(spec.num_classes)
+    pad = {
+        "image": np.zeros((resolution, resolution), np.uint8),
+        "label": pad_label,
+        "id": "",
+        "index": np.int32(-1),
+        "source": np.int32(-1),
+        "is_synthetic": np.bool_(False),
+        "mask": np.bool_(False),
+    }
+    ds = grain.MapDataset.source(_EvalShard(mixed, positions, pad))
+    ds = ds.map(transforms.DecodeImage()).map(transforms.ResizeImage(resolution))
+    ds = ds.map(transforms.ToFloat(normalization))
+    ds = ds.map(transforms.CastLabel(spec.label_kind, spec.num_classes))
+    ds = ds.map(transforms.SelectFields(EVAL_KEYS))
+    return _finish(
+        ds,
+        batch_size=batch_size,
+        drop_remainder=False,
+        num_workers=num_workers,
+        num_threads=num_threads,
+    )
+
+
+def device_fields(batch: dict) -> dict:
+    """The batch without host-only (string) fields, for jax.make_array_from_process_local_data."""
+    return {key: value for key, value in batch.items() if key not in HOST_ONLY_KEYS}
+
+
+def checkpoint_save_args(iterator: grain.DatasetIterator) -> Any:
+    """Orbax save args for the iterator: `ocp.args.Composite(data=checkpoint_save_args(it))`.
+
+    Grain's handler writes one JSON file per process (process_{i}-of-{n}.json), so every
+    process must save and restore its own iterator.
+    """
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator) -> Any:
+    """Orbax restore args: restores state into `iterator` (a fresh one, same pipeline args)."""
+    return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def describe_batches(
+    iterator: Iterator[dict], num_batches: int = 2, spec: sources.DatasetSpec | None = None
+) -> dict:
+    """Shapes, value range and label counts of the next `num_batches` batches (consumed)."""
+    batches = [next(iterator) for _ in range(num_batches)]
+    first = batches[0]
+    mask = np.concatenate([b.get("mask", np.ones(len(b["label"]), bool)) for b in batches])
+    images = np.concatenate([b["image"] for b in batches])[mask]
+    labels = np.concatenate([b["label"] for b in batches])[mask]
+    if labels.ndim == 1:
+        minlength = spec.num_classes if spec else int(labels.max()) + 1
+        counts = np.bincount(labels, minlength=minlength)
+    else:
+        counts = labels.sum(axis=0)
+    description = {
+        "batches": num_batches,
+        "fields": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in first.items()},
+        "image": {
+            "min": float(images.min()),
+            "max": float(images.max()),
+            "mean": float(images.mean()),
+            "std": float(images.std()),
+        },
+        "label_counts": [int(c) for c in counts],
+        "examples": int(mask.sum()),
+        "padding": int((~mask).sum()),
+    }
+    if "is_synthetic" in first:
+        synthetic = np.concatenate([b["is_synthetic"] for b in batches])[mask]
+        description["synthetic_fraction"] = float(synthetic.mean())
+    if spec is not None:
+        description["class_names"] = list(spec.class_names)
+    return description
