@@ -336,6 +336,14 @@ def test_image_folder_layout_errors(tmp_path):
         builders.load("image_folder/never_r8", "train", data_dir=tmp_path / "out")
 
 
+def test_empty_strings_mean_unset(data_dir):
+    # As a ConfigDict spells unset fields (configs/classifier.py: data_dir="", labels="").
+    builder = builders.make_builder(
+        "pneumonia_mnist", data_dir=data_dir, manual_dir="", labels="", variant="", resolution=28
+    )
+    assert builder.info.config_name == "subset_r28"
+
+
 def test_option_errors():
     with pytest.raises(builders.DatasetError, match="unknown dataset 'chexpert'"):
         builders.make_builder("chexpert")

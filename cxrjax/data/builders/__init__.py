@@ -82,9 +82,14 @@ def make_builder(
 
     `variant` is for pneumonia_mnist, `labels` for kermany_pneumonia, `folder_name` and
     `class_names` for image_folder (whose folder is `manual_dir`); giving an option to a
-    dataset that has no such option, or one that contradicts the config name, is an error.
+    dataset that has no such option, or one that contradicts the config name, is an error;
+    None and "" both mean "not set".
     An already prepared image_folder config is found by name without its folder.
     """
+    # Empty strings mean "not set", as ConfigDict fields spell it.
+    data_dir, manual_dir = data_dir or None, manual_dir or None
+    variant, labels, folder_name = variant or None, labels or None, folder_name or None
+    class_names = class_names or None
     dataset, _, config_name = name.partition("/")
     if dataset not in BUILDERS:
         raise DatasetError(f"unknown dataset {dataset!r}; known: {sorted(BUILDERS)}")
