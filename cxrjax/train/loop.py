@@ -26,7 +26,7 @@ from cxrjax import parallel
 from cxrjax.metrics import writer as writer_lib
 
 # Batch keys that travel to the devices; everything else (ids, provenance tags) stays home.
-DEVICE_KEYS = ("image", "label", "mask", "latent", "weight")
+DEVICE_KEYS = ("image", "label", "mask", "index", "latent", "weight")
 
 
 class NonFiniteError(FloatingPointError):
@@ -145,7 +145,9 @@ def run(
             step += 1
 
             is_log = step % log_every == 0 or step == end
-            is_eval = bool(eval_fn) and eval_every > 0 and (step % eval_every == 0 or step == num_steps)
+            is_eval = (
+                bool(eval_fn) and eval_every > 0 and (step % eval_every == 0 or step == num_steps)
+            )
             if is_log or is_eval:
                 scalars = {f"{label}/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                 if nonfinite == "abort":

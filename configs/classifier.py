@@ -1,0 +1,166 @@
+"""DenseNet classifier configs (CheXNet-style). Select a preset with `:NAME`.
+
+  python -m launch.train_classifier --config=configs/classifier.py:pneumonia_mnist \
+      --workdir=/tmp/cls
+
+Presets:
+  tiny             seconds; 2-block DenseNet on the shipped data, for tests and smoke runs.
+  pneumonia_mnist  the default quality run: DenseNet121 (small stem) on the shipped 28x28
+                   PneumoniaMNIST subset, 2-core CPU; expected test ROC-AUC >= 0.97 (see README).
+  kermany_binary   Kermany chest_xray at 224 px, normal vs pneumonia (ImageNet stem), 1+ GPU.
+  kermany_3class   Kermany at 224 px, normal / bacterial / viral.
+  nih14            NIH ChestX-ray14 at 224 px, 14 findings, multi-label (CheXNet recipe:
+                   Adam 1e-3, batch 16 per GPU in the paper; here global 64, plateau decay).
+  image_folder     a folder of class-named subfolders (--config.data.manual_dir=PATH).
+
+Every field can be overridden: `--config.optim.lr=3e-4 --config.train.num_steps=2000`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cxrjax.models import densenet
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """All DenseNet fields spelled out, filled from the named class's defaults."""
+    cls = densenet.MODELS[name]
+    fields = {
+        field: getattr(cls, field)
+        for field in (
+            "growth_rate",
+            "block_config",
+            "num_init_features",
+            "bn_size",
+            "compression",
+            "dropout_rate",
+            "stem",
+            "remat",
+        )
+    }
+    fields["block_config"] = tuple(fields["block_config"])
+    fields.update(name=name, dtype="float32", pretrained="", pretrained_channels="sum")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = ml_collections.ConfigDict(
+        dict(
+            name="pneumonia_mnist",
+            data_dir="",  # "" = $CXRJAX_DATA_DIR or ~/cxrjax_datasets
+            manual_dir="",
+            labels="",  # dataset-specific label variant, e.g. "binary" / "3class"
+            resolution=28,
+            train_split="train",
+            val_split="val",
+            test_split="test",
+            num_workers=0,
+            balanced=False,
+            skip_corrupt=False,
+            mean=0.5,  # classifier normalisation: (x / 255 - mean) / std
+            std=0.25,
+            augment=ml_collections.ConfigDict(
+                dict(
+                    enabled=True,
+                    rotation_deg=10.0,
+                    scale=0.1,
+                    translate=0.08,
+                    brightness=0.1,
+                    contrast=0.1,
+                    hflip=False,
+                    fill=0,
+                )
+            ),
+        )
+    )
+    config.model = model_config("densenet121", stem="small")
+    config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0, class_weighting="none"))
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-3,
+            b1=0.9,
+            b2=0.999,
+            momentum=0.9,
+            weight_decay=1e-4,
+            schedule="cosine",
+            warmup_steps=100,
+            final_lr_fraction=0.01,
+            grad_clip_norm=0.0,
+            plateau_factor=0.1,
+            plateau_patience=5,
+            plateau_window=50,
+            ema_decay=0.0,
+        )
+    )
+    config.train = ml_collections.ConfigDict(
+        dict(
+            global_batch_size=64,
+            num_steps=2000,
+            log_every=50,
+            eval_every=250,
+            checkpoint_every=250,
+            keep_checkpoints=2,
+            select="best",  # evaluate the best-by-val-AUC or the "last" checkpoint
+            nonfinite="skip",
+        )
+    )
+    config.eval = ml_collections.ConfigDict(
+        dict(batch_size=256, threshold="youden", bootstrap=1000, confidence=0.95)
+    )
+    return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "pneumonia_mnist"
+    config = base_config()
+    config.preset = preset
+    if preset == "tiny":
+        config.model = model_config("densenet_tiny")
+        config.train.update(
+            global_batch_size=16, num_steps=12, log_every=4, eval_every=6, checkpoint_every=6
+        )
+        config.optim.update(warmup_steps=2)
+        config.eval.update(batch_size=64, bootstrap=50)
+    elif preset == "pneumonia_mnist":
+        pass
+    elif preset in ("kermany_binary", "kermany_3class"):
+        config.data.update(
+            name="kermany_pneumonia",
+            labels="binary" if preset == "kermany_binary" else "3class",
+            resolution=224,
+            num_workers=8,
+            mean=0.485,
+            std=0.229,
+        )
+        config.model = model_config("densenet121", stem="imagenet")
+        config.loss.class_weighting = "balanced"
+        config.train.update(
+            global_batch_size=64, num_steps=6000, eval_every=500, checkpoint_every=500
+        )
+    elif preset == "nih14":
+        config.data.update(
+            name="nih_chest_xray14", resolution=224, num_workers=16, mean=0.485, std=0.229
+        )
+        config.model = model_config("densenet121", stem="imagenet")
+        config.loss.class_weighting = "balanced"
+        config.optim.update(
+            name="adam", lr=1e-3, weight_decay=0.0, schedule="plateau", warmup_steps=0
+        )
+        config.train.update(
+            global_batch_size=64, num_steps=30000, eval_every=1000, checkpoint_every=1000
+        )
+    elif preset == "image_folder":
+        config.data.update(name="image_folder", resolution=128, num_workers=4)
+        config.model = model_config("densenet121", stem="imagenet")
+        config.loss.class_weighting = "balanced"
+    else:
+        raise ValueError(
+            f"unknown classifier preset {preset!r}; choose tiny, pneumonia_mnist, kermany_binary, "
+            "kermany_3class, nih14 or image_folder"
+        )
+    return config

@@ -1,0 +1,630 @@
+"""DenseNet classifier: losses, pure jitted steps, and the train-and-evaluate driver.
+
+`train_step(state, batch, rng) -> (state, metrics)` is pure and written for one device; it is
+compiled once with the batch sharded over the mesh's "data" axis and the state replicated
+(see `cxrjax.parallel`), which makes it data-parallel over every device of every process with
+global-batch semantics independent of the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
+from cxrjax import parallel, report
+from cxrjax.data import builders, mixing, pipeline, sources
+from cxrjax.metrics import classification as cls_metrics
+from cxrjax.metrics import writer as writer_lib
+from cxrjax.models import densenet
+from cxrjax.train import loop, optim
+from cxrjax.train import state as state_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_FIELDS = (
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression",
+    "dropout_rate",
+    "stem",
+    "remat",
+)
+
+
+# ----------------------------------------------------------------------------- model & loss
+def make_model(model_config: Mapping[str, Any], num_classes: int) -> densenet.DenseNet:
+    """A DenseNet from the config's explicit fields (presets fill them from the model class)."""
+    kwargs = {name: model_config[name] for name in MODEL_FIELDS}
+    kwargs["block_config"] = tuple(kwargs["block_config"])
+    return densenet.DenseNet(num_classes=num_classes, dtype=DTYPES[model_config["dtype"]], **kwargs)
+
+
+def class_weights(spec: sources.DatasetSpec, labels: np.ndarray, mode: str) -> np.ndarray:
+    """Per-class loss weights: multi-class `balanced` = N / (C * N_c); multi-label `balanced`
+    = N_neg / N_pos per finding (CheXNet's positive weighting). `none` = ones."""
+    num = spec.num_classes
+    if mode == "none":
+        return np.ones(num, np.float32)
+    if spec.label_kind == sources.MULTILABEL:
+        positives = np.asarray(labels, np.float64).sum(axis=0)
+        negatives = len(labels) - positives
+        return (negatives / np.maximum(positives, 1.0)).astype(np.float32)
+    counts = np.bincount(np.asarray(labels, np.int64).reshape(-1), minlength=num).astype(np.float64)
+    return (counts.sum() / (num * np.maximum(counts, 1.0))).astype(np.float32)
+
+
+def make_loss_fn(
+    spec: sources.DatasetSpec, weights: np.ndarray, label_smoothing: float = 0.0
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`loss(logits, labels, mask) -> scalar`, averaged over unmasked examples.
+
+    Multi-class: softmax cross-entropy on (optionally smoothed) one-hot labels, weighted by the
+    true class's weight. Multi-label: per-finding sigmoid cross-entropy with positive terms
+    weighted by `weights` (pos_weight), smoothing toward 0.5.
+    """
+    class_weight = jnp.asarray(weights, jnp.float32)
+    multilabel = spec.label_kind == sources.MULTILABEL
+    num_classes = spec.num_classes
+
+    def loss_fn(logits, labels, mask):
+        logits = logits.astype(jnp.float32)
+        if multilabel:
+            targets = labels.astype(jnp.float32)
+            if label_smoothing:
+                targets = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing
+            per_class = -(
+                class_weight * targets * jax.nn.log_sigmoid(logits)
+                + (1.0 - targets) * jax.nn.log_sigmoid(-logits)
+            )
+            per_example = per_class.mean(axis=-1)
+        else:
+            one_hot = jax.nn.one_hot(labels, num_classes)
+            targets = optax.smooth_labels(one_hot, label_smoothing) if label_smoothing else one_hot
+            per_example = optax.softmax_cross_entropy(logits, targets) * class_weight[labels]
+        mask = mask.astype(jnp.float32)
+        return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- state & steps
+def init_state(
+    model: densenet.DenseNet,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    image_shape: tuple[int, int, int],
+    *,
+    use_ema: bool,
+    variables: Mapping[str, Any] | None = None,
+) -> state_lib.ClassifierState:
+    """Initial state; `variables` (e.g. converted torchvision weights) replace the random init."""
+    init_rng, run_rng = jax.random.split(rng)
+    if variables is None:
+        variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return state_lib.ClassifierState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+        rng=run_rng,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def make_train_step(
+    model: densenet.DenseNet,
+    tx: optax.GradientTransformationExtraArgs,
+    loss_fn: Callable,
+    schedule: optax.Schedule,
+    *,
+    ema_decay: float = 0.0,
+):
+    """The pure step: forward/backward, optimizer, batch stats, EMA; non-finite updates skipped.
+
+    A NaN/Inf loss or gradient leaves the whole state unchanged (counted in
+    `nonfinite_steps`), so a non-finite state can never be checkpointed.
+    """
+
+    def train_step(state: state_lib.ClassifierState, batch, rng):
+        mask = batch.get("mask", jnp.ones(batch["image"].shape[:1], jnp.bool_))
+
+        def loss_of(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["image"],
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": rng},
+            )
+            return loss_fn(logits, batch["label"], mask), (logits, updates["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            # Warm-up (as in TF's ExponentialMovingAverage): early averages follow the params.
+            decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+            ema = optim.ema_update(ema, params, decay)
+        finite = state_lib.all_finite(loss, grads)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            ema_params=ema,
+        )
+        kept = state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + 1)
+        new_state = state_lib.select(finite, new_state, kept)
+        if logits.ndim == 2 and batch["label"].ndim == 1:
+            accuracy = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / jnp.maximum(
+                jnp.sum(mask), 1
+            )
+        else:
+            hits = ((logits > 0) == (batch["label"] > 0.5)).mean(-1)
+            accuracy = jnp.sum(hits * mask) / jnp.maximum(jnp.sum(mask), 1)
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            "nonfinite_steps": new_state.nonfinite_steps,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_predict_fn(model: densenet.DenseNet, label_kind: str):
+    """`predict(state, images) -> probabilities` (softmax or sigmoid), EMA params if present."""
+
+    def predict(state: state_lib.ClassifierState, images):
+        params = state.ema_params if state.ema_params is not None else state.params
+        logits = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=False
+        )
+        if label_kind == sources.MULTILABEL:
+            return jax.nn.sigmoid(logits)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return predict
+
+
+def compile_steps(model, tx, loss_fn, schedule, mesh, abstract_state, *, ema_decay, label_kind):
+    """Jits train/predict once: batch sharded over "data", state replicated and donated."""
+    replicated = parallel.replicated(mesh)
+    batch_sharding = parallel.data_sharding(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    train_step = jax.jit(
+        make_train_step(model, tx, loss_fn, schedule, ema_decay=ema_decay),
+        in_shardings=(state_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    predict = jax.jit(
+        make_predict_fn(model, label_kind),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=batch_sharding,
+    )
+    return train_step, predict
+
+
+def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
+    """Runs `predict` over an eval iterator; returns host arrays of the unpadded examples.
+
+    Works unchanged across processes: each process feeds its shard, `to_host` gathers the
+    global arrays, and the padding rows (mask = False) are dropped.
+    """
+    chunks: dict[str, list[np.ndarray]] = {"probs": [], "labels": [], "index": []}
+    for batch in batches:
+        arrays = loop.device_batch(batch, mesh)
+        host = parallel.to_host(
+            {
+                "probs": predict(state, arrays["image"]),
+                "labels": arrays["label"],
+                "mask": arrays["mask"],
+                "index": arrays["index"],
+            }
+        )
+        keep = np.asarray(host["mask"], bool)
+        for key in chunks:
+            chunks[key].append(np.asarray(host[key])[keep])
+    out = {key: np.concatenate(values) for key, values in chunks.items()}
+    out["probs"] = out["probs"].astype(np.float64)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def validate(config) -> None:
+    """Every field the run relies on, checked before any data read or compile."""
+    check = config_lib.check
+    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
+    config_lib.check_choice(config, "model.name", tuple(densenet.MODELS))
+    config_lib.check_choice(config, "model.stem", densenet.STEMS)
+    config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
+    config_lib.check_choice(config, "loss.class_weighting", ("none", "balanced"))
+    config_lib.check_choice(config, "train.select", ("best", "last"))
+    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
+    for field in (
+        "data.resolution",
+        "train.global_batch_size",
+        "train.num_steps",
+        "train.log_every",
+        "eval.batch_size",
+        "data.std",
+    ):
+        config_lib.check_positive(config, field)
+    for field in (
+        "train.eval_every",
+        "train.checkpoint_every",
+        "data.num_workers",
+        "eval.bootstrap",
+    ):
+        config_lib.check_positive(config, field, allow_zero=True)
+    check(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
+    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
+    check(len(config.model.block_config) >= 1, "model.block_config", "needs at least one block")
+    check(
+        config.train.select == "last" or config.train.eval_every > 0,
+        "train.select",
+        "'best' needs train.eval_every > 0 (validation AUC picks the checkpoint)",
+    )
+    if config.model.pretrained:
+        check(
+            os.path.exists(os.path.expanduser(config.model.pretrained)),
+            "model.pretrained",
+            f"weights file {config.model.pretrained!r} does not exist",
+        )
+    optim.validate(config.optim)
+
+
+def _dataset_options(data) -> dict[str, Any]:
+    options = {
+        "data_dir": data.data_dir or None,
+        "manual_dir": data.manual_dir or None,
+        "resolution": data.resolution,
+        "skip_corrupt": data.skip_corrupt,
+    }
+    if data.labels:
+        options["labels"] = data.labels
+    return options
+
+
+def load_splits(data) -> tuple[dict[str, Any], sources.DatasetSpec]:
+    """Prepares (idempotently) and opens the train/val/test splits of the configured dataset."""
+    options = _dataset_options(data)
+    builders.prepare(data.name, **options)
+    splits, spec = {}, None
+    for role in ("train", "val", "test"):
+        splits[role], spec = builders.load(data.name, data[f"{role}_split"], **options)
+    return splits, spec
+
+
+def headline_auc(result: Mapping[str, Any]) -> float:
+    """The single AUC that ranks checkpoints: binary AUC, else the macro average."""
+    if "auc" in result:
+        return float(result["auc"])
+    return float(result["macro"]["auc"])
+
+
+def _restore_or_init(checkpointer, abstract, init_fn, train_iter, signature):
+    restored = checkpointer.restore_latest(abstract, data_iterator=train_iter)
+    if restored is None:
+        return init_fn(), 0
+    state, meta = restored
+    saved = meta.get("signature", {})
+    different = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+    if different:
+        details = ", ".join(
+            f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items()
+        )
+        raise checkpoint_lib.CheckpointError(
+            f"the checkpoint in {checkpointer.directory} was written by a different setup "
+            f"({details}); use a new --workdir or restore the original config"
+        )
+    logging.info("resumed from step %d in %s", meta["step"], checkpointer.directory)
+    return state, int(meta["step"])
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains, picks the checkpoint on validation, evaluates test once; writes results.json.
+
+    Re-running on the same workdir resumes an interrupted run, and returns the saved results
+    of a finished one without touching the test split again.
+    """
+    start = time.perf_counter()
+    validate(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    results_path = os.path.join(workdir, "results.json")
+    if os.path.exists(results_path):
+        logging.info("%s exists: this configuration is finished (test already read)", results_path)
+        with open(results_path, encoding="utf-8") as f:
+            return json.load(f)
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(config.train.global_batch_size, mesh)
+    parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
+    if parallel.is_main_process():
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+
+    splits, spec = load_splits(config.data)
+    train_labels = mixing.read_labels(splits["train"])
+    weights = class_weights(spec, train_labels, config.loss.class_weighting)
+    model = make_model(config.model, spec.num_classes)
+    num_steps = int(config.train.num_steps)
+    tx, schedule = optim.make_optimizer(config.optim, num_steps)
+    resolution = int(config.data.resolution)
+    image_shape = (resolution, resolution, 1)
+    use_ema = config.optim.ema_decay > 0
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = functools.partial(init_state, model, tx, image_shape=image_shape, use_ema=use_ema)
+    if config.model.pretrained:
+        from cxrjax.models import torch_import
+
+        abstract_vars = jax.eval_shape(
+            lambda: model.init(rng, jnp.zeros((1, *image_shape)), train=False)
+        )
+        variables = torch_import.load_pretrained(config.model.pretrained, abstract_vars)
+        init_fn = functools.partial(init_fn, variables=variables)
+    abstract = jax.eval_shape(init_fn, rng)
+    replicated = parallel.replicated(mesh)
+    loss_fn = make_loss_fn(spec, weights, config.loss.label_smoothing)
+    train_step, predict = compile_steps(
+        model,
+        tx,
+        loss_fn,
+        schedule,
+        mesh,
+        abstract,
+        ema_decay=config.optim.ema_decay,
+        label_kind=spec.label_kind,
+    )
+    normalization = (float(config.data.mean), float(config.data.std))
+    train_iter = pipeline.make_train_iterator(
+        splits["train"],
+        spec,
+        global_batch_size=config.train.global_batch_size,
+        seed=config.seed,
+        resolution=resolution,
+        augment=config.data.augment,
+        normalization=normalization,
+        balanced=config.data.balanced,
+        labels=train_labels,
+        num_workers=config.data.num_workers,
+    )
+
+    def eval_batches(split):
+        return pipeline.make_eval_dataset(
+            splits[split],
+            spec,
+            global_batch_size=config.eval.batch_size,
+            resolution=resolution,
+            normalization=normalization,
+            num_workers=config.data.num_workers,
+        )
+
+    def eval_fn(state, step):
+        del step
+        out = predict_split(predict, state, eval_batches("val"), mesh)
+        result = cls_metrics.evaluate(
+            out["labels"], out["probs"], class_names=spec.class_names, n_bootstrap=0
+        )
+        return {"val/auc": headline_auc(result)}
+
+    signature = {
+        "config_hash": config_lib.config_hash(
+            config, ignore=("train.log_every", "data.num_workers", "eval.bootstrap")
+        ),
+        "global_batch_size": int(config.train.global_batch_size),
+        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}",
+        "train_records": len(splits["train"]),
+    }
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.train.keep_checkpoints,
+        best_metric="val/auc" if config.train.eval_every else None,
+    )
+    abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
+    state, start_step = _restore_or_init(
+        checkpointer,
+        abstract_placed,
+        lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+        train_iter,
+        signature,
+    )
+    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
+    try:
+        outcome = loop.run(
+            state=state,
+            train_step=train_step,
+            batches=train_iter,
+            mesh=mesh,
+            # A host copy: the state (and its rng leaf) is donated to the first step.
+            rng=parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh),
+            start_step=start_step,
+            num_steps=num_steps,
+            images_per_step=config.train.global_batch_size,
+            checkpointer=checkpointer,
+            writer=writer,
+            log_every=config.train.log_every,
+            checkpoint_every=config.train.checkpoint_every,
+            eval_every=config.train.eval_every,
+            eval_fn=eval_fn if config.train.eval_every else None,
+            best_metric="val/auc",
+            metadata={"signature": signature},
+            nonfinite=config.train.nonfinite,
+            stop_at=stop_at,
+        )
+        if outcome.preempted or outcome.step < num_steps:
+            return {"finished": False, "step": outcome.step, "preempted": outcome.preempted}
+        state = outcome.state
+        selected_step = outcome.step
+        if config.train.select == "best" and checkpointer.best_step() is not None:
+            selected_step = checkpointer.best_step()
+            if selected_step != outcome.step:
+                state, _ = checkpointer.restore(selected_step, abstract_placed)
+        results = final_evaluation(
+            config,
+            spec,
+            predict,
+            state,
+            eval_batches,
+            mesh,
+            workdir,
+            extra={
+                "selected_step": int(selected_step),
+                "num_steps": num_steps,
+                "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+                "split_sizes": {role: len(src) for role, src in splits.items()},
+                "history": outcome.history,
+            },
+        )
+        results["wall_time_s"] = elapsed(start)
+        if parallel.is_main_process():
+            save_results(results_path, results)
+        return results
+    finally:
+        writer.close()
+        checkpointer.close()
+
+
+def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, *, extra) -> dict:
+    """Threshold on validation, then the one read of test; writes JSON, Markdown and ROC PNG."""
+    val = predict_split(predict, state, eval_batches("val"), mesh)
+    threshold = cls_metrics.select_threshold(
+        val["labels"], val["probs"], config.eval.threshold, class_names=spec.class_names
+    )
+    common = dict(
+        class_names=spec.class_names,
+        n_bootstrap=config.eval.bootstrap,
+        seed=config.seed,
+        level=config.eval.confidence,
+    )
+    val_result = cls_metrics.evaluate(val["labels"], val["probs"], threshold=threshold, **common)
+    test = predict_split(predict, state, eval_batches("test"), mesh)  # The only read of test.
+    test_result = cls_metrics.evaluate(test["labels"], test["probs"], threshold=threshold, **common)
+    results = {
+        "dataset": {
+            "name": config.data.name,
+            "resolution": config.data.resolution,
+            "labels": config.data.labels,
+            "class_names": list(spec.class_names),
+            "label_kind": spec.label_kind,
+        },
+        "seed": int(config.seed),
+        "threshold": threshold,
+        "threshold_method": config.eval.threshold,
+        "val": val_result,
+        "test": test_result,
+        "config": config_lib.to_dict(config),
+        "software": software_versions(),
+        "device": device_description(),
+        **extra,
+    }
+    if parallel.is_main_process():
+        np.savez(os.path.join(workdir, "test_predictions.npz"), **test)
+        curves = {"test": (test["labels"], test["probs"]), "val": (val["labels"], val["probs"])}
+        if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
+            report.save_roc_curves(curves, os.path.join(workdir, "roc.png"), title="ROC (DenseNet)")
+        write_markdown(os.path.join(workdir, "results.md"), results)
+    return results
+
+
+def write_markdown(path: str, results: Mapping[str, Any]) -> None:
+    keys = ("auc", "pr_auc", "accuracy", "precision", "recall", "specificity", "f1")
+    rows = []
+    for split in ("val", "test"):
+        result = results[split]
+        source = result if "auc" in result else result.get("macro", {})
+        row = {"split": split}
+        for key in keys:
+            if key in source:
+                row[key] = report.format_value(source[key], ci=source.get(f"{key}_ci"))
+        rows.append(row)
+    lines = [
+        f"# Classifier results: {results['dataset']['name']}",
+        "",
+        f"Checkpoint step {results.get('selected_step')} of {results.get('num_steps')}; "
+        f"threshold {results['threshold_method']} on validation = {results['threshold']}; "
+        f"seed {results['seed']}; 95% bootstrap CIs over test images.",
+        "",
+        report.markdown_table(rows, ["split", *[k for k in keys if k in rows[-1]]]),
+        "",
+        "![ROC](roc.png)" if os.path.exists(os.path.join(os.path.dirname(path), "roc.png")) else "",
+    ]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def save_results(path: str, results: Mapping[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def device_description() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 2)
+
+
+__all__ = [
+    "train_and_evaluate",
+    "validate",
+    "class_weights",
+    "compile_steps",
+    "init_state",
+    "make_loss_fn",
+    "make_model",
+    "make_predict_fn",
+    "make_train_step",
+    "predict_split",
+]

@@ -1,0 +1,45 @@
+r"""Trains and evaluates the DenseNet classifier.
+
+  python -m launch.train_classifier --config=configs/classifier.py:pneumonia_mnist \
+      --workdir=/tmp/cls [--config.optim.lr=3e-4 ...]
+
+Writes to the workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/, and at the end
+results.json (val + test metrics with CIs), results.md and roc.png. Re-running the same command
+on the same workdir resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cxrjax import config as config_lib
+from cxrjax.train import classifier
+from launch import common
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (:PRESET).", lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has checkpoints).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    common.setup()
+    try:
+        results = classifier.train_and_evaluate(CONFIG.value, WORKDIR.value)
+    except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if results.get("finished") is False:
+        print(f"stopped at step {results['step']}; re-run the same command to resume")
+        return
+    summary = {k: results["test"].get(k) for k in ("auc", "accuracy", "f1")}
+    print(json.dumps({"workdir": WORKDIR.value, "test": summary}, indent=None))
+
+
+if __name__ == "__main__":
+    app.run(main)
