@@ -178,7 +178,7 @@ def _calinski_harabasz(centroids, sq_sum, counts) -> float:
     if within == 0:
         generative._warn("Calinski-Harabasz: zero within-cluster dispersion; returning 1")
         return 1.0
-    return between * (n - k) / (within * (k - 1))
+    return float(between * (n - k) / (within * (k - 1)))
 
 
 def calinski_harabasz_score(x, labels) -> float:

@@ -233,77 +233,125 @@ def kid(
 # Chunked exact neighbour search (JAX)
 
 
-def _pairwise_scan(queries, refs, ref_extras, init, step, row_chunk: int, col_chunk: int):
-    """Folds `step` over squared distances of every (query block, ref block) pair.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
-    queries [Nq, D] and refs [Nr, D] are already padded to multiples of the chunks. For each
-    query block, `step(carry, d2 [row_chunk, col_chunk], q_idx, r_idx, extras_block)` runs over
-    the ref blocks in a scan; the final carries of all query blocks are concatenated. Only
-    one row_chunk x col_chunk distance block is alive at a time.
-    """
-    nq, d = queries.shape
-    nr = refs.shape[0]
-    q_blocks = queries.reshape(nq // row_chunk, row_chunk, d)
-    r_blocks = refs.reshape(nr // col_chunk, col_chunk, d)
-    r_sq = jnp.sum(r_blocks * r_blocks, axis=-1)
-    r_idx = jnp.arange(nr).reshape(-1, col_chunk)
-    extras = jax.tree.map(lambda e: e.reshape(nr // col_chunk, col_chunk, *e.shape[1:]), ref_extras)
+
+def _blocks(x, chunk: int):
+    """[N, D] padded to a multiple of chunk -> blocks [B, chunk, D], |x|^2 [B, chunk], indices."""
+    n, d = x.shape
+    blocks = x.reshape(n // chunk, chunk, d)
+    return blocks, jnp.sum(blocks * blocks, axis=-1), jnp.arange(n).reshape(-1, chunk)
+
+
+def _sq_dists(q, q_sq, r, r_sq):
+    """Squared distances [Bq, Br] of two blocks via |q|^2 + |r|^2 - 2 q.r (one matmul)."""
+    # HIGHEST: keep fp32 matmuls on GPUs that would default to TF32.
+    cross = jnp.dot(q, r.T, precision=_HIGHEST)
+    return jnp.maximum(q_sq[:, None] + r_sq[None, :] - 2.0 * cross, 0.0)
+
+
+def _merge_top_k(best_d2, best_idx, d2, idx, k: int):
+    """Running top-k: the k smallest of the current best [B, k] and a new block [B, C]."""
+    all_d2 = jnp.concatenate([best_d2, d2], axis=1)
+    all_idx = jnp.concatenate([best_idx, jnp.broadcast_to(idx, d2.shape)], axis=1)
+    neg_top, pos = jax.lax.top_k(-all_d2, k)
+    return -neg_top, jnp.take_along_axis(all_idx, pos, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "row_chunk", "col_chunk"))
+def _cross_knn_kernel(queries, refs, num_refs, *, k, row_chunk, col_chunk):
+    """Indices [Nq, k] of each query's k nearest refs: query blocks x a scan over ref blocks."""
+    q_blocks, q_sq, _ = _blocks(queries, row_chunk)
+    r_blocks, r_sq, r_idx = _blocks(refs, col_chunk)
 
     def one_row_block(args):
-        q, q_idx = args
-        q_sq = jnp.sum(q * q, axis=-1)
+        q, qs = args
 
-        def body(carry, block):
-            r, rs, ri, ex = block
-            # HIGHEST: keep fp32 matmuls on GPUs that would default to TF32.
-            cross = jnp.dot(q, r.T, precision=jax.lax.Precision.HIGHEST)
-            d2 = jnp.maximum(q_sq[:, None] + rs[None, :] - 2.0 * cross, 0.0)
-            return step(carry, d2, q_idx, ri, ex), None
+        def body(best, block):
+            r, rs, ri = block
+            d2 = jnp.where(ri[None, :] >= num_refs, jnp.inf, _sq_dists(q, qs, r, rs))
+            return _merge_top_k(*best, d2, ri, k), None
 
-        carry, _ = jax.lax.scan(body, init(row_chunk), (r_blocks, r_sq, r_idx, extras))
-        return carry
+        init = (jnp.full((row_chunk, k), jnp.inf, q.dtype), jnp.full((row_chunk, k), -1))
+        (_, best_idx), _ = jax.lax.scan(body, init, (r_blocks, r_sq, r_idx))
+        return best_idx
 
-    out = jax.lax.map(one_row_block, (q_blocks, jnp.arange(nq).reshape(-1, row_chunk)))
-    return jax.tree.map(lambda o: o.reshape(nq, *o.shape[2:]), out)
+    return jax.lax.map(one_row_block, (q_blocks, q_sq)).reshape(-1, k)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "exclude_self", "row_chunk", "col_chunk"))
-def _knn_kernel(queries, refs, num_refs, *, k, exclude_self, row_chunk, col_chunk):
-    """Squared distances [Nq, k] (ascending) and indices of each query's k nearest refs."""
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+def _self_knn_kernel(x, num, *, k, chunk):
+    """Indices [N, k] of each point's k nearest other points, computing each block pair once.
 
-    def init(rows):
-        return (jnp.full((rows, k), jnp.inf, queries.dtype), jnp.full((rows, k), -1, jnp.int32))
+    Distances are symmetric: block (i, j >= i) updates the running top-k of rows i with it and
+    of rows j with its transpose, so half the matmuls of a plain query x ref search.
+    """
+    blocks, sq, idx = _blocks(x, chunk)
+    num_blocks = blocks.shape[0]
+    block_i, block_j = np.triu_indices(num_blocks)
 
-    def step(carry, d2, q_idx, r_idx, _):
-        best_d2, best_idx = carry
-        invalid = r_idx[None, :] >= num_refs
-        if exclude_self:
-            invalid = invalid | (q_idx[:, None] == r_idx[None, :])
-        d2 = jnp.where(invalid, jnp.inf, d2)
-        all_d2 = jnp.concatenate([best_d2, d2], axis=1)
-        all_idx = jnp.concatenate([best_idx, jnp.broadcast_to(r_idx, d2.shape)], axis=1)
-        neg_top, pos = jax.lax.top_k(-all_d2, k)
-        return -neg_top, jnp.take_along_axis(all_idx, pos, axis=1)
+    def body(best, ij):
+        best_d2, best_idx = best  # [num_blocks, chunk, k]
+        i, j = ij
+        rows, cols = idx[i], idx[j]
+        invalid = (rows[:, None] == cols[None, :]) | (rows[:, None] >= num) | (cols[None, :] >= num)
+        d2 = jnp.where(invalid, jnp.inf, _sq_dists(blocks[i], sq[i], blocks[j], sq[j]))
+        new_d2, new_idx = _merge_top_k(best_d2[i], best_idx[i], d2, cols, k)
+        best_d2, best_idx = best_d2.at[i].set(new_d2), best_idx.at[i].set(new_idx)
+        # On the diagonal (i == j) the transpose is the same block: merging it twice would
+        # list each neighbour twice.
+        new_d2, new_idx = _merge_top_k(best_d2[j], best_idx[j], d2.T, rows, k)
+        same = i == j
+        best_d2 = best_d2.at[j].set(jnp.where(same, best_d2[j], new_d2))
+        best_idx = best_idx.at[j].set(jnp.where(same, best_idx[j], new_idx))
+        return (best_d2, best_idx), None
 
-    return _pairwise_scan(queries, refs, (), init, step, row_chunk, col_chunk)
+    init = (
+        jnp.full((num_blocks, chunk, k), jnp.inf, x.dtype),
+        jnp.full((num_blocks, chunk, k), -1),
+    )
+    (_, best_idx), _ = jax.lax.scan(body, init, (jnp.asarray(block_i), jnp.asarray(block_j)))
+    return best_idx.reshape(-1, k)
 
 
 @functools.partial(jax.jit, static_argnames=("row_chunk", "col_chunk"))
-def _ball_kernel(queries, refs, ref_radius2, num_refs, *, row_chunk, col_chunk):
-    """Per query: how many ref balls (closed, squared radii) contain it, and min squared dist."""
+def _cross_ball_kernel(real, fake, real_r2, fake_r2, num_real, num_fake, *, row_chunk, col_chunk):
+    """All PRDC counts from one pass over real x fake distances (closed balls, squared radii).
 
-    def init(rows):
-        return (jnp.zeros((rows,), jnp.int32), jnp.full((rows,), jnp.inf, queries.dtype))
+    Returns, per real sample, how many fake balls contain it [Nr] and its squared distance to
+    the nearest fake [Nr]; per fake sample, how many real balls contain it [Nf]. The per-fake
+    counts are column sums: each real block emits them and they are summed over real blocks.
+    """
+    r_blocks, r_sq, r_idx = _blocks(real, row_chunk)
+    f_blocks, f_sq, f_idx = _blocks(fake, col_chunk)
+    real_r2 = real_r2.reshape(-1, row_chunk)
+    fake_r2 = fake_r2.reshape(-1, col_chunk)
 
-    def step(carry, d2, q_idx, r_idx, radius2):
-        count, min_d2 = carry
-        valid = r_idx[None, :] < num_refs
-        inside = valid & (d2 <= radius2[None, :])
-        count = count + jnp.sum(inside, axis=1, dtype=jnp.int32)
-        min_d2 = jnp.minimum(min_d2, jnp.min(jnp.where(valid, d2, jnp.inf), axis=1))
-        return count, min_d2
+    def one_row_block(args):
+        x, xs, xi, x_r2 = args
+        row_valid = xi < num_real
 
-    return _pairwise_scan(queries, refs, ref_radius2, init, step, row_chunk, col_chunk)
+        def body(carry, block):
+            in_fake_balls, min_d2 = carry
+            y, ys, yi, y_r2 = block
+            col_valid = yi < num_fake
+            d2 = _sq_dists(x, xs, y, ys)
+            inside_fake = (d2 <= y_r2[None, :]) & col_valid[None, :]
+            in_fake_balls = in_fake_balls + jnp.sum(inside_fake, axis=1, dtype=jnp.int32)
+            min_d2 = jnp.minimum(min_d2, jnp.min(jnp.where(col_valid, d2, jnp.inf), axis=1))
+            inside_real = (d2 <= x_r2[:, None]) & row_valid[:, None]
+            return (in_fake_balls, min_d2), jnp.sum(inside_real, axis=0, dtype=jnp.int32)
+
+        init = (jnp.zeros((row_chunk,), jnp.int32), jnp.full((row_chunk,), jnp.inf, x.dtype))
+        (in_fake_balls, min_d2), in_real_balls = jax.lax.scan(
+            body, init, (f_blocks, f_sq, f_idx, fake_r2)
+        )
+        return in_fake_balls, min_d2, in_real_balls.reshape(-1)
+
+    in_fake_balls, min_d2, in_real_balls = jax.lax.map(
+        one_row_block, (r_blocks, r_sq, r_idx, real_r2)
+    )
+    return in_fake_balls.reshape(-1), min_d2.reshape(-1), in_real_balls.sum(axis=0)
 
 
 def compute_dtype(*arrays) -> np.dtype:
@@ -354,20 +402,18 @@ def knn_distances(
     dtype = compute_dtype(queries, refs)
     offset = refs.mean(0, dtype=np.float64)
     if exclude_self:
-        # Self exclusion compares global indices, so both sides need the same padding.
-        (q,) = _centred_device_arrays(offset, dtype, queries)
-        r = q
+        (x,) = _centred_device_arrays(offset, dtype, queries)
+        idx = _self_knn_kernel(_pad_rows(x, row_chunk), len(refs), k=k, chunk=row_chunk)
     else:
         q, r = _centred_device_arrays(offset, dtype, queries, refs)
-    _, idx = _knn_kernel(
-        _pad_rows(q, row_chunk),
-        _pad_rows(r, col_chunk),
-        len(refs),
-        k=k,
-        exclude_self=exclude_self,
-        row_chunk=row_chunk,
-        col_chunk=col_chunk,
-    )
+        idx = _cross_knn_kernel(
+            _pad_rows(q, row_chunk),
+            _pad_rows(r, col_chunk),
+            len(refs),
+            k=k,
+            row_chunk=row_chunk,
+            col_chunk=col_chunk,
+        )
     idx = np.asarray(idx)[: len(queries)].astype(np.int64)
     dist = _exact_distances(queries, refs, idx)
     order = np.argsort(dist, axis=1, kind="stable")
@@ -380,18 +426,10 @@ def knn_radii(features, *, k: int = 5, chunk_size: int = 1024) -> np.ndarray:
     return dist[:, -1]
 
 
-def _ball_stats(queries, refs, radii, chunk_size, dtype, offset):
-    row_chunk, col_chunk = min(chunk_size, len(queries)), min(chunk_size, len(refs))
-    q, r = _centred_device_arrays(offset, dtype, queries, refs)
-    count, min_d2 = _ball_kernel(
-        _pad_rows(q, row_chunk),
-        _pad_rows(r, col_chunk),
-        np.pad(radii**2, (0, (-len(refs)) % col_chunk)).astype(dtype),
-        len(refs),
-        row_chunk=row_chunk,
-        col_chunk=col_chunk,
-    )
-    return np.asarray(count)[: len(queries)], np.asarray(min_d2)[: len(queries)]
+def _squared_radii(radii: np.ndarray | None, n: int, chunk: int, dtype) -> np.ndarray:
+    """Padded squared radii; a set without radii gets -1, so nothing lies in its balls."""
+    r2 = np.full(n, -1.0) if radii is None else radii**2
+    return np.pad(r2, (0, (-n) % chunk)).astype(dtype)
 
 
 def prdc(real, fake, *, k: int = 5, chunk_size: int = 1024) -> dict[str, Any]:
@@ -401,36 +439,43 @@ def prdc(real, fake, *, k: int = 5, chunk_size: int = 1024) -> dict[str, Any]:
     excluded; balls are closed (<=). Precision: fraction of fakes inside some real ball.
     Recall: fraction of reals inside some fake ball. Density: mean number of real balls
     containing a fake, divided by k. Coverage: fraction of real balls containing some fake.
+    Cost: two self k-NN searches (radii) and one fused real x fake pass for all four counts.
     Entries that need more than k samples in a set are NaN, with a warning and a "reason".
     """
     real, fake = _as_features(real, "real"), _as_features(fake, "fake")
     _check_same_dim(real, fake)
-    out: dict[str, Any] = {}
+    out = dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
     reasons = []
     if len(real) < k + 1 or len(fake) == 0:
         reasons.append(f"precision/density/coverage need >= {k + 1} real and >= 1 fake samples")
-        out.update(precision=math.nan, density=math.nan, coverage=math.nan)
     if len(fake) < k + 1 or len(real) == 0:
         reasons.append(f"recall needs >= {k + 1} fake and >= 1 real samples")
-        out["recall"] = math.nan
-    reasons_text = f"; got {len(real)} real, {len(fake)} fake"
-    dtype = compute_dtype(real, fake)
-    offset = real.mean(0, dtype=np.float64) if len(real) else np.zeros(real.shape[1])
-    if "precision" not in out:
-        real_radii = knn_radii(real, k=k, chunk_size=chunk_size)
-        count, _ = _ball_stats(fake, real, real_radii, chunk_size, dtype, offset)
-        out["precision"] = float(np.mean(count > 0))
-        out["density"] = float(np.mean(count) / k)
-        # Coverage asks the reverse question, real -> nearest fake: a k=1 search.
-        nearest_fake, _ = knn_distances(real, fake, k=1, chunk_size=chunk_size)
-        out["coverage"] = float(np.mean(nearest_fake[:, 0] <= real_radii))
-    if "recall" not in out:
-        fake_radii = knn_radii(fake, k=k, chunk_size=chunk_size)
-        count, _ = _ball_stats(real, fake, fake_radii, chunk_size, dtype, offset)
-        out["recall"] = float(np.mean(count > 0))
-    out = {key: out[key] for key in ("precision", "recall", "density", "coverage")}
+    if len(real) and len(fake) and len(reasons) < 2:
+        real_radii = knn_radii(real, k=k, chunk_size=chunk_size) if len(real) > k else None
+        fake_radii = knn_radii(fake, k=k, chunk_size=chunk_size) if len(fake) > k else None
+        row_chunk, col_chunk = min(chunk_size, len(real)), min(chunk_size, len(fake))
+        dtype = compute_dtype(real, fake)
+        x, y = _centred_device_arrays(real.mean(0, dtype=np.float64), dtype, real, fake)
+        in_fake_balls, min_d2, in_real_balls = _cross_ball_kernel(
+            _pad_rows(x, row_chunk),
+            _pad_rows(y, col_chunk),
+            _squared_radii(real_radii, len(real), row_chunk, dtype),
+            _squared_radii(fake_radii, len(fake), col_chunk, dtype),
+            len(real),
+            len(fake),
+            row_chunk=row_chunk,
+            col_chunk=col_chunk,
+        )
+        if real_radii is not None:
+            in_real_balls = np.asarray(in_real_balls)[: len(fake)]
+            out["precision"] = float(np.mean(in_real_balls > 0))
+            out["density"] = float(np.mean(in_real_balls) / k)
+            min_d2 = np.asarray(min_d2, np.float64)[: len(real)]
+            out["coverage"] = float(np.mean(min_d2 <= real_radii**2))
+        if fake_radii is not None:
+            out["recall"] = float(np.mean(np.asarray(in_fake_balls)[: len(real)] > 0))
     if reasons:
-        out["reason"] = "; ".join(reasons) + reasons_text
+        out["reason"] = "; ".join(reasons) + f"; got {len(real)} real, {len(fake)} fake"
         _warn(out["reason"])
     return out
 
