@@ -5,8 +5,9 @@
 
 Presets:
   tiny             seconds; 2-block DenseNet on the shipped data, for tests and smoke runs.
-  pneumonia_mnist  the default quality run: DenseNet121 (small stem) on the shipped 28x28
-                   PneumoniaMNIST subset, 2-core CPU; expected test ROC-AUC >= 0.97 (see README).
+  pneumonia_mnist  the default quality run: a DenseNet121-depth network (growth 12, small
+                   stem) on the shipped 28x28 PneumoniaMNIST subset, 2-core CPU, <= 15 min;
+                   expected test ROC-AUC >= 0.97 (measured numbers in README).
   kermany_binary   Kermany chest_xray at 224 px, normal vs pneumonia (ImageNet stem), 1+ GPU.
   kermany_3class   Kermany at 224 px, normal / bacterial / viral.
   nih14            NIH ChestX-ray14 at 224 px, 14 findings, multi-label (CheXNet recipe:
@@ -40,7 +41,7 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
         )
     }
     fields["block_config"] = tuple(fields["block_config"])
-    fields.update(name=name, dtype="float32", pretrained="", pretrained_channels="sum")
+    fields.update(name=name, dtype="float32", pretrained="")
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 
@@ -127,7 +128,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.update(warmup_steps=2)
         config.eval.update(batch_size=64, bootstrap=50)
     elif preset == "pneumonia_mnist":
-        pass
+        # DenseNet121's depth at growth 12 fits a 2-core CPU budget (DenseNet121 itself runs
+        # ~7x slower here; select it with --config.model=... on a GPU).
+        config.model = model_config("densenet121_k12")
+        config.train.update(num_steps=900, eval_every=100, checkpoint_every=100)
+        config.optim.update(lr=2e-3, warmup_steps=50)
     elif preset in ("kermany_binary", "kermany_3class"):
         config.data.update(
             name="kermany_pneumonia",

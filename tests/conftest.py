@@ -22,3 +22,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 @pytest.fixture
 def rng():
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def shipped_data_dir(tmp_path_factory):
+    """The shipped PneumoniaMNIST subset prepared once per test session (a few seconds)."""
+    from cxrjax.data import builders
+
+    data_dir = tmp_path_factory.mktemp("cxrjax_data")
+    builders.prepare("pneumonia_mnist", data_dir=data_dir)
+    return str(data_dir)

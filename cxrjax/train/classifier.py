@@ -183,7 +183,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "accuracy": accuracy,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "nonfinite_steps": new_state.nonfinite_steps,
         }
