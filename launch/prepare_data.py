@@ -39,6 +39,10 @@ _SKIP_CORRUPT = flags.DEFINE_bool(
     "skip_corrupt", False, "Skip unreadable images (logged, listed in the metadata)."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if already prepared.")
+_SHOW_BATCHES = flags.DEFINE_integer(
+    "show_batches", 2, "Print statistics of this many augmented training batches (0: none)."
+)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size for --show_batches.")
 
 
 def summary(builder) -> str:
@@ -67,6 +71,29 @@ def summary(builder) -> str:
     return "\n".join(lines)
 
 
+def batch_statistics(builder, num_batches: int, batch_size: int) -> str:
+    """Real training batches through the Grain pipeline (augmented, [-1, 1]), summarised."""
+    import json
+
+    from cxrjax.data import pipeline
+
+    spec = builders.spec(builder)
+    source = builder.as_data_source(split="train")
+    iterator = pipeline.make_train_iterator(
+        source,
+        spec,
+        global_batch_size=batch_size,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        device_count=1,
+    )
+    stats = pipeline.describe_batches(iterator, num_batches, spec)
+    lines = ["train batches (seed 0, augmented, generator range [-1, 1]):"]
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in stats.items()]
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     try:
@@ -83,6 +110,8 @@ def main(argv):
             overwrite=_OVERWRITE.value,
         )
         print(summary(builder))
+        if _SHOW_BATCHES.value:
+            print(batch_statistics(builder, _SHOW_BATCHES.value, _BATCH_SIZE.value))
     except builders.DatasetError as error:
         print(f"prepare_data: {error}", file=sys.stderr)
         sys.exit(1)

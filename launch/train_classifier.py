@@ -16,7 +16,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
+from cxrjax.data import builders
 from cxrjax.train import classifier
 from launch import common
 
@@ -30,7 +32,13 @@ def main(argv):
     common.setup()
     try:
         results = classifier.train_and_evaluate(CONFIG.value, WORKDIR.value)
-    except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
+    except (
+        config_lib.ConfigError,
+        builders.DatasetError,
+        checkpoint_lib.CheckpointError,
+        ValueError,
+        FileNotFoundError,
+    ) as error:
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

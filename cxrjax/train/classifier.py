@@ -548,10 +548,138 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
     return results
 
 
-def write_markdown(path: str, results: Mapping[str, Any]) -> None:
+def load_run_config(workdir: str):
+    """The resolved config a run wrote at start (workdir/config.json) as a ConfigDict."""
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a train_classifier workdir")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_checkpoint(
+    workdir: str, split: str, *, step: int | None = None, output_dir: str | None = None
+) -> dict[str, Any]:
+    """Runs a saved checkpoint on any split of its dataset; JSON + Markdown + ROC PNG.
+
+    The decision threshold is re-chosen on the validation split for this checkpoint (never on
+    the split being evaluated). `step` None = the best-by-validation checkpoint, else latest.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = load_run_config(workdir)
+    validate(config)
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), best_metric="val/auc"
+    )
+    try:
+        if step is None:
+            step = checkpointer.best_step() or checkpointer.latest_step()
+        if step is None or step not in checkpointer.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint {'' if step is None else step} in {checkpointer.directory} "
+                f"(available: {checkpointer.all_steps()})"
+            )
+        mesh = parallel.make_mesh()
+        parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
+        options = _dataset_options(config.data)
+        val_source, spec = builders.load(config.data.name, config.data.val_split, **options)
+        eval_source, _ = builders.load(config.data.name, split, **options)
+        model = make_model(config.model, spec.num_classes)
+        tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
+        resolution = int(config.data.resolution)
+        init_fn = functools.partial(
+            init_state,
+            model,
+            tx,
+            image_shape=(resolution, resolution, 1),
+            use_ema=config.optim.ema_decay > 0,
+        )
+        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+        state, _ = checkpointer.restore(
+            step, checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
+        )
+    finally:
+        checkpointer.close()
+    _, predict = compile_steps(
+        model,
+        tx,
+        make_loss_fn(spec, np.ones(spec.num_classes)),
+        schedule,
+        mesh,
+        abstract,
+        ema_decay=config.optim.ema_decay,
+        label_kind=spec.label_kind,
+    )
+    normalization = (float(config.data.mean), float(config.data.std))
+
+    def batches(source):
+        return pipeline.make_eval_dataset(
+            source,
+            spec,
+            global_batch_size=config.eval.batch_size,
+            resolution=resolution,
+            normalization=normalization,
+        )
+
+    val = predict_split(predict, state, batches(val_source), mesh)
+    threshold = cls_metrics.select_threshold(
+        val["labels"], val["probs"], config.eval.threshold, class_names=spec.class_names
+    )
+    out = predict_split(predict, state, batches(eval_source), mesh)
+    result = cls_metrics.evaluate(
+        out["labels"],
+        out["probs"],
+        threshold=threshold,
+        class_names=spec.class_names,
+        n_bootstrap=config.eval.bootstrap,
+        seed=config.seed,
+        level=config.eval.confidence,
+    )
+    results = {
+        "workdir": workdir,
+        "step": int(step),
+        "split": split,
+        "threshold": threshold,
+        "threshold_method": config.eval.threshold,
+        "seed": int(config.seed),
+        "dataset": {"name": config.data.name, "class_names": list(spec.class_names)},
+        "val": cls_metrics.evaluate(
+            val["labels"],
+            val["probs"],
+            threshold=threshold,
+            class_names=spec.class_names,
+            n_bootstrap=0,
+        ),
+        split: result,
+        "software": software_versions(),
+        "device": device_description(),
+    }
+    output_dir = output_dir or os.path.join(workdir, f"eval_{split}_step{step}")
+    if parallel.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        save_results(os.path.join(output_dir, "results.json"), results)
+        if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
+            report.save_roc_curves(
+                {split: (out["labels"], out["probs"]), "val": (val["labels"], val["probs"])},
+                os.path.join(output_dir, "roc.png"),
+                title=f"ROC, step {step}",
+            )
+        write_markdown(
+            os.path.join(output_dir, "results.md"),
+            {**results, "selected_step": step, "num_steps": config.train.num_steps},
+            splits=("val", split),
+        )
+    return results
+
+
+def write_markdown(
+    path: str, results: Mapping[str, Any], splits: tuple[str, ...] = ("val", "test")
+) -> None:
     keys = ("auc", "pr_auc", "accuracy", "precision", "recall", "specificity", "f1")
     rows = []
-    for split in ("val", "test"):
+    for split in splits:
         result = results[split]
         source = result if "auc" in result else result.get("macro", {})
         row = {"split": split}
@@ -618,6 +746,7 @@ def elapsed(start: float) -> float:
 
 __all__ = [
     "train_and_evaluate",
+    "evaluate_checkpoint",
     "validate",
     "class_weights",
     "compile_steps",
