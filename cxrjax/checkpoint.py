@@ -55,6 +55,7 @@ class Checkpointer:
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         self.directory = epath.Path(directory).absolute()
         self.best_metric = best_metric
+        self.best_mode = best_mode
         policies: list[Any] = [checkpoint_managers.LatestN(n=max(1, keep))]
         if best_metric:
             policies.append(
@@ -66,6 +67,9 @@ class Checkpointer:
                 )
             )
         options = ocp.CheckpointManagerOptions(
+            # best_fn only makes Orbax write/read per-step metrics; retention is the policy.
+            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+            best_mode=best_mode,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=True,
@@ -90,7 +94,23 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def best_step(self) -> int | None:
-        return self._manager.best_step() if self.best_metric else None
+        """The kept step with the best `best_metric` (None without metric or metrics).
+
+        Computed here: Orbax's own best_step only knows `best_fn`, which would also switch on
+        its best-only deletion policy.
+        """
+        if not self.best_metric:
+            return None
+        scored = []
+        for step in self.all_steps():
+            metrics = self._manager.metrics(step) or {}
+            if self.best_metric in metrics:
+                scored.append((float(metrics[self.best_metric]), step))
+        if not scored:
+            return None
+        sign = 1.0 if self.best_mode == "max" else -1.0
+        # Ties go to the earlier step (the first time that value was reached).
+        return max(scored, key=lambda item: (sign * item[0], -item[1]))[1]
 
     # -- save ------------------------------------------------------------------------------
     def save(
