@@ -56,9 +56,9 @@ def initialize(
         kwargs.update(process_id=process_id)
     if local_device_ids is not None:
         kwargs.update(local_device_ids=list(local_device_ids))
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        # CPU collectives across processes need gloo; harmless on one host.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives across processes need gloo; the option only affects the CPU backend, and
+    # it must be set without touching the backend (initialize has to come first).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
@@ -87,7 +87,9 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_global_batch(global_batch_size: int, mesh: jax.sharding.Mesh, what: str = "batch") -> None:
+def check_global_batch(
+    global_batch_size: int, mesh: jax.sharding.Mesh, what: str = "batch"
+) -> None:
     """Fails early, with the numbers, when a global batch cannot be split evenly."""
     num_devices = mesh.devices.size
     if global_batch_size <= 0 or global_batch_size % num_devices:

@@ -163,7 +163,8 @@ def make_train_step(
             # Warm-up (as in TF's ExponentialMovingAverage): early averages follow the params.
             decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
             ema = optim.ema_update(ema, params, decay)
-        finite = state_lib.all_finite(loss, grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = state_lib.is_finite(loss, grad_norm)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -183,7 +184,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "accuracy": accuracy,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "nonfinite_steps": new_state.nonfinite_steps,
         }

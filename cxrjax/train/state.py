@@ -28,15 +28,14 @@ class ClassifierState:
 
 
 def select(keep_new: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where `keep_new` else `old`, leaf by leaf (skips a non-finite update in-graph)."""
-    return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
+    """`new` if `keep_new` else `old` (skips a non-finite update in-graph).
+
+    One `lax.cond` over the whole tree: far cheaper to compile than a `where` per leaf.
+    """
+    return jax.lax.cond(keep_new, lambda pair: pair[0], lambda pair: pair[1], (new, old))
 
 
-def all_finite(*trees: Any) -> jax.Array:
-    """True when every floating leaf of every tree is finite."""
-    leaves = [
-        x for tree in trees for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    if not leaves:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+def is_finite(*scalars: jax.Array) -> jax.Array:
+    """True when every given scalar is finite; pass the loss and the global gradient norm
+    (finite exactly when every gradient entry is, barring float32 overflow of the norm)."""
+    return jnp.all(jnp.stack([jnp.isfinite(jnp.asarray(x, jnp.float32)) for x in scalars]))
