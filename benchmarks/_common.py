@@ -1,6 +1,6 @@
 """Shared pieces of the training benchmarks: the production classifier step, timing, memory.
 
-The step is built exactly as `cxrjax.train.classifier.train_and_evaluate` builds it
+The step is built exactly as `cxrjax.train.classifier_run.train_and_evaluate` builds it
 (`make_model` from `configs.classifier.model_config`, `optim.make_optimizer` from
 `base_config().optim`, `init_state`, `compile_steps` on a "data" mesh, state replicated and
 donated), with synthetic batches instead of a dataset. Each measurement runs in its own

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax.data import builders
-from cxrjax.train import classifier
+from cxrjax.train import classifier_run
 from launch import common
 
 WORKDIR = flags.DEFINE_string("workdir", None, "A train_classifier workdir.", required=True)
@@ -30,7 +30,7 @@ def main(argv):
     del argv
     common.setup()
     try:
-        results = classifier.evaluate_checkpoint(
+        results = classifier_run.evaluate_checkpoint(
             WORKDIR.value, SPLIT.value, step=STEP.value, output_dir=OUTPUT.value
         )
     except (

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax.data import builders
-from cxrjax.train import classifier
+from cxrjax.train import classifier_run
 from launch import common
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (:PRESET).", lock_config=True)
@@ -31,7 +31,7 @@ def main(argv):
     del argv
     common.setup()
     try:
-        results = classifier.train_and_evaluate(CONFIG.value, WORKDIR.value)
+        results = classifier_run.train_and_evaluate(CONFIG.value, WORKDIR.value)
     except (
         config_lib.ConfigError,
         builders.DatasetError,

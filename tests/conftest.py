@@ -14,7 +14,9 @@ import pytest  # noqa: E402
 jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("CXRJAX_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
+    os.environ.get(
+        "CXRJAX_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+    ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -33,9 +33,13 @@ class DatasetSpec:
 
     def __post_init__(self):
         if self.label_kind not in (MULTICLASS, MULTILABEL):
-            raise ValueError(f"label_kind must be {MULTICLASS!r} or {MULTILABEL!r}, got {self.label_kind!r}")
+            raise ValueError(
+                f"label_kind must be {MULTICLASS!r} or {MULTILABEL!r}, got {self.label_kind!r}"
+            )
         if len(self.class_names) < 2 and self.label_kind == MULTICLASS:
-            raise ValueError(f"{self.name}: a multi-class dataset needs >= 2 classes, got {self.class_names}")
+            raise ValueError(
+                f"{self.name}: a multi-class dataset needs >= 2 classes, got {self.class_names}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -47,7 +51,9 @@ class ArraySource:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, ids: Sequence[str] | None = None):
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise ValueError(f"images must be uint8 [N, H, W(, 1)], got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W(, 1)], got {images.dtype} {images.shape}"
+            )
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self._images = images

@@ -31,7 +31,9 @@ class MetricWriter:
     process index.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True
+    ):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -72,7 +74,9 @@ class MetricWriter:
 class Progress:
     """Console progress for long work: step, images/s and ETA from the recent rate."""
 
-    def __init__(self, total_steps: int, start_step: int, images_per_step: int, *, label: str = "train"):
+    def __init__(
+        self, total_steps: int, start_step: int, images_per_step: int, *, label: str = "train"
+    ):
         self.total_steps = total_steps
         self.images_per_step = images_per_step
         self.label = label
@@ -90,7 +94,9 @@ class Progress:
         remaining = max(self.total_steps - step, 0)
         eta = remaining / steps_per_s if steps_per_s > 0 else float("nan")
         shown = " ".join(
-            f"{k.split('/')[-1]}={_fmt(v)}" for k, v in (scalars or {}).items() if _scalar(v) is not None
+            f"{k.split('/')[-1]}={_fmt(v)}"
+            for k, v in (scalars or {}).items()
+            if _scalar(v) is not None
         )
         logging.info(
             "[%s] step %d/%d (%.0f%%) %s | %.1f img/s | ETA %s",

@@ -14,7 +14,7 @@ from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import parallel
 from cxrjax.data import pipeline, sources
-from cxrjax.train import classifier, optim
+from cxrjax.train import classifier, classifier_run, optim
 
 BINARY = sources.DatasetSpec("toy", ("normal", "pneumonia"))
 MULTILABEL = sources.DatasetSpec("toy14", tuple(f"f{i}" for i in range(3)), sources.MULTILABEL)
@@ -76,17 +76,17 @@ def test_bad_config_fails_before_any_work(tmp_path, monkeypatch, field, value, m
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the config was validated")
 
-    monkeypatch.setattr(classifier, "load_splits", no_data)
+    monkeypatch.setattr(classifier_run, "load_splits", no_data)
     with pytest.raises(config_lib.ConfigError, match=message):
-        classifier.train_and_evaluate(config, str(tmp_path / "wd"))
+        classifier_run.train_and_evaluate(config, str(tmp_path / "wd"))
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, monkeypatch):
     config = tiny_config(str(tmp_path))
     config.train.global_batch_size = 6  # 4 fake devices in tests
-    monkeypatch.setattr(classifier, "load_splits", lambda *a: pytest.fail("read data"))
+    monkeypatch.setattr(classifier_run, "load_splits", lambda *a: pytest.fail("read data"))
     with pytest.raises(ValueError, match="multiple of the device count 4"):
-        classifier.train_and_evaluate(config, str(tmp_path / "wd"))
+        classifier_run.train_and_evaluate(config, str(tmp_path / "wd"))
 
 
 def _loss_curve(devices, batches, config, spec):
@@ -148,11 +148,11 @@ def test_stop_and_resume_equals_uninterrupted(shipped_data_dir, tmp_path):
         shipped_data_dir, num_steps=8, log_every=2, eval_every=4, checkpoint_every=4, select="last"
     )
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    full = classifier.train_and_evaluate(config, straight)
-    partial = classifier.train_and_evaluate(config, resumed, stop_at=4)
+    full = classifier_run.train_and_evaluate(config, straight)
+    partial = classifier_run.train_and_evaluate(config, resumed, stop_at=4)
     assert partial == {"finished": False, "step": 4, "preempted": False}
     assert not os.path.exists(os.path.join(resumed, "results.json"))
-    again = classifier.train_and_evaluate(config, resumed)  # fresh iterator, state, manager
+    again = classifier_run.train_and_evaluate(config, resumed)  # fresh iterator, state, manager
 
     step_a, state_a, data_a = _final_state(straight)
     step_b, state_b, data_b = _final_state(resumed)
@@ -164,17 +164,17 @@ def test_stop_and_resume_equals_uninterrupted(shipped_data_dir, tmp_path):
     assert [losses_a[s] for s in (6, 8)] == [losses_b[s] for s in (6, 8)]
     assert again["test"]["auc"] == full["test"]["auc"]
     # A finished run is not re-evaluated: the same results come back, test is not re-read.
-    assert classifier.train_and_evaluate(config, resumed)["test"] == again["test"]
+    assert classifier_run.train_and_evaluate(config, resumed)["test"] == again["test"]
 
 
 def test_resume_with_a_different_batch_fails_naming_it(shipped_data_dir, tmp_path):
     config = tiny_config(
         shipped_data_dir, num_steps=4, checkpoint_every=2, eval_every=0, select="last"
     )
-    classifier.train_and_evaluate(config, str(tmp_path), stop_at=2)
+    classifier_run.train_and_evaluate(config, str(tmp_path), stop_at=2)
     config.train.global_batch_size = 8
     with pytest.raises(checkpoint_lib.CheckpointError, match="global_batch_size"):
-        classifier.train_and_evaluate(config, str(tmp_path))
+        classifier_run.train_and_evaluate(config, str(tmp_path))
 
 
 def test_train_classifier_entry_point(shipped_data_dir, tmp_path):

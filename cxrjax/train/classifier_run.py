@@ -1,0 +1,555 @@
+"""Classifier runs: train-and-evaluate with resume, checkpoint selection, one test read.
+
+The steps themselves live in `cxrjax.train.classifier` (importable without the data stack);
+this module wires them to the data pipeline, the shared loop, Orbax checkpoints and the
+metrics, and writes the results.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
+from cxrjax import parallel, report
+from cxrjax.data import builders, mixing, pipeline, sources
+from cxrjax.metrics import classification as cls_metrics
+from cxrjax.metrics import writer as writer_lib
+from cxrjax.models import densenet
+from cxrjax.train import loop, optim
+from cxrjax.train.classifier import (
+    DTYPES,
+    class_weights,
+    compile_steps,
+    init_state,
+    make_loss_fn,
+    make_model,
+)
+
+
+def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
+    """Runs `predict` over an eval iterator; returns host arrays of the unpadded examples.
+
+    Works unchanged across processes: each process feeds its shard, `to_host` gathers the
+    global arrays, and the padding rows (mask = False) are dropped.
+    """
+    chunks: dict[str, list[np.ndarray]] = {"probs": [], "labels": [], "index": []}
+    for batch in batches:
+        arrays = loop.device_batch(batch, mesh)
+        host = parallel.to_host(
+            {
+                "probs": predict(state, arrays["image"]),
+                "labels": arrays["label"],
+                "mask": arrays["mask"],
+                "index": arrays["index"],
+            }
+        )
+        keep = np.asarray(host["mask"], bool)
+        for key in chunks:
+            chunks[key].append(np.asarray(host[key])[keep])
+    out = {key: np.concatenate(values) for key, values in chunks.items()}
+    out["probs"] = out["probs"].astype(np.float64)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def validate(config) -> None:
+    """Every field the run relies on, checked before any data read or compile."""
+    check = config_lib.check
+    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
+    config_lib.check_choice(config, "model.name", tuple(densenet.MODELS))
+    config_lib.check_choice(config, "model.stem", densenet.STEMS)
+    config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
+    config_lib.check_choice(config, "loss.class_weighting", ("none", "balanced"))
+    config_lib.check_choice(config, "train.select", ("best", "last"))
+    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
+    for field in (
+        "data.resolution",
+        "train.global_batch_size",
+        "train.num_steps",
+        "train.log_every",
+        "eval.batch_size",
+        "data.std",
+    ):
+        config_lib.check_positive(config, field)
+    for field in (
+        "train.eval_every",
+        "train.checkpoint_every",
+        "data.num_workers",
+        "eval.bootstrap",
+    ):
+        config_lib.check_positive(config, field, allow_zero=True)
+    check(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
+    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
+    check(len(config.model.block_config) >= 1, "model.block_config", "needs at least one block")
+    check(
+        config.train.select == "last" or config.train.eval_every > 0,
+        "train.select",
+        "'best' needs train.eval_every > 0 (validation AUC picks the checkpoint)",
+    )
+    if config.model.pretrained:
+        check(
+            os.path.exists(os.path.expanduser(config.model.pretrained)),
+            "model.pretrained",
+            f"weights file {config.model.pretrained!r} does not exist",
+        )
+    optim.validate(config.optim)
+
+
+def _dataset_options(data) -> dict[str, Any]:
+    options = {
+        "data_dir": data.data_dir or None,
+        "manual_dir": data.manual_dir or None,
+        "resolution": data.resolution,
+        "skip_corrupt": data.skip_corrupt,
+    }
+    if data.labels:
+        options["labels"] = data.labels
+    return options
+
+
+def load_splits(data) -> tuple[dict[str, Any], sources.DatasetSpec]:
+    """Prepares (idempotently) and opens the train/val/test splits of the configured dataset."""
+    options = _dataset_options(data)
+    builders.prepare(data.name, **options)
+    splits, spec = {}, None
+    for role in ("train", "val", "test"):
+        splits[role], spec = builders.load(data.name, data[f"{role}_split"], **options)
+    return splits, spec
+
+
+def headline_auc(result: Mapping[str, Any]) -> float:
+    """The single AUC that ranks checkpoints: binary AUC, else the macro average."""
+    if "auc" in result:
+        return float(result["auc"])
+    return float(result["macro"]["auc"])
+
+
+def _restore_or_init(checkpointer, abstract, init_fn, train_iter, signature):
+    restored = checkpointer.restore_latest(abstract, data_iterator=train_iter)
+    if restored is None:
+        return init_fn(), 0
+    state, meta = restored
+    saved = meta.get("signature", {})
+    different = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+    if different:
+        details = ", ".join(
+            f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items()
+        )
+        raise checkpoint_lib.CheckpointError(
+            f"the checkpoint in {checkpointer.directory} was written by a different setup "
+            f"({details}); use a new --workdir or restore the original config"
+        )
+    logging.info("resumed from step %d in %s", meta["step"], checkpointer.directory)
+    return state, int(meta["step"])
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains, picks the checkpoint on validation, evaluates test once; writes results.json.
+
+    Re-running on the same workdir resumes an interrupted run, and returns the saved results
+    of a finished one without touching the test split again.
+    """
+    start = time.perf_counter()
+    validate(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    results_path = os.path.join(workdir, "results.json")
+    if os.path.exists(results_path):
+        logging.info("%s exists: this configuration is finished (test already read)", results_path)
+        with open(results_path, encoding="utf-8") as f:
+            return json.load(f)
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(config.train.global_batch_size, mesh)
+    parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
+    if parallel.is_main_process():
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+
+    splits, spec = load_splits(config.data)
+    train_labels = mixing.read_labels(splits["train"])
+    weights = class_weights(spec, train_labels, config.loss.class_weighting)
+    model = make_model(config.model, spec.num_classes)
+    num_steps = int(config.train.num_steps)
+    tx, schedule = optim.make_optimizer(config.optim, num_steps)
+    resolution = int(config.data.resolution)
+    image_shape = (resolution, resolution, 1)
+    use_ema = config.optim.ema_decay > 0
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = functools.partial(init_state, model, tx, image_shape=image_shape, use_ema=use_ema)
+    if config.model.pretrained:
+        from cxrjax.models import torch_import
+
+        abstract_vars = jax.eval_shape(
+            lambda: model.init(rng, jnp.zeros((1, *image_shape)), train=False)
+        )
+        variables = torch_import.load_pretrained(config.model.pretrained, abstract_vars)
+        init_fn = functools.partial(init_fn, variables=variables)
+    abstract = jax.eval_shape(init_fn, rng)
+    replicated = parallel.replicated(mesh)
+    loss_fn = make_loss_fn(spec, weights, config.loss.label_smoothing)
+    train_step, predict = compile_steps(
+        model,
+        tx,
+        loss_fn,
+        schedule,
+        mesh,
+        abstract,
+        ema_decay=config.optim.ema_decay,
+        label_kind=spec.label_kind,
+    )
+    normalization = (float(config.data.mean), float(config.data.std))
+    train_iter = pipeline.make_train_iterator(
+        splits["train"],
+        spec,
+        global_batch_size=config.train.global_batch_size,
+        seed=config.seed,
+        resolution=resolution,
+        augment=config.data.augment,
+        normalization=normalization,
+        balanced=config.data.balanced,
+        labels=train_labels,
+        num_workers=config.data.num_workers,
+    )
+
+    def eval_batches(split):
+        return pipeline.make_eval_dataset(
+            splits[split],
+            spec,
+            global_batch_size=config.eval.batch_size,
+            resolution=resolution,
+            normalization=normalization,
+            num_workers=config.data.num_workers,
+        )
+
+    def eval_fn(state, step):
+        del step
+        out = predict_split(predict, state, eval_batches("val"), mesh)
+        result = cls_metrics.evaluate(
+            out["labels"], out["probs"], class_names=spec.class_names, n_bootstrap=0
+        )
+        return {"val/auc": headline_auc(result)}
+
+    signature = {
+        "config_hash": config_lib.config_hash(
+            config, ignore=("train.log_every", "data.num_workers", "eval.bootstrap")
+        ),
+        "global_batch_size": int(config.train.global_batch_size),
+        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}",
+        "train_records": len(splits["train"]),
+    }
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.train.keep_checkpoints,
+        best_metric="val/auc" if config.train.eval_every else None,
+    )
+    abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
+    state, start_step = _restore_or_init(
+        checkpointer,
+        abstract_placed,
+        lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+        train_iter,
+        signature,
+    )
+    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
+    try:
+        outcome = loop.run(
+            state=state,
+            train_step=train_step,
+            batches=train_iter,
+            mesh=mesh,
+            # A host copy: the state (and its rng leaf) is donated to the first step.
+            rng=parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh),
+            start_step=start_step,
+            num_steps=num_steps,
+            images_per_step=config.train.global_batch_size,
+            checkpointer=checkpointer,
+            writer=writer,
+            log_every=config.train.log_every,
+            checkpoint_every=config.train.checkpoint_every,
+            eval_every=config.train.eval_every,
+            eval_fn=eval_fn if config.train.eval_every else None,
+            best_metric="val/auc",
+            metadata={"signature": signature},
+            nonfinite=config.train.nonfinite,
+            stop_at=stop_at,
+        )
+        if outcome.preempted or outcome.step < num_steps:
+            return {"finished": False, "step": outcome.step, "preempted": outcome.preempted}
+        state = outcome.state
+        selected_step = outcome.step
+        if config.train.select == "best" and checkpointer.best_step() is not None:
+            selected_step = checkpointer.best_step()
+            if selected_step != outcome.step:
+                state, _ = checkpointer.restore(selected_step, abstract_placed)
+        results = final_evaluation(
+            config,
+            spec,
+            predict,
+            state,
+            eval_batches,
+            mesh,
+            workdir,
+            extra={
+                "selected_step": int(selected_step),
+                "num_steps": num_steps,
+                "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+                "split_sizes": {role: len(src) for role, src in splits.items()},
+                "history": outcome.history,
+            },
+        )
+        results["wall_time_s"] = elapsed(start)
+        if parallel.is_main_process():
+            save_results(results_path, results)
+        return results
+    finally:
+        writer.close()
+        checkpointer.close()
+
+
+def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, *, extra) -> dict:
+    """Threshold on validation, then the one read of test; writes JSON, Markdown and ROC PNG."""
+    val = predict_split(predict, state, eval_batches("val"), mesh)
+    threshold = cls_metrics.select_threshold(
+        val["labels"], val["probs"], config.eval.threshold, class_names=spec.class_names
+    )
+    common = dict(
+        class_names=spec.class_names,
+        n_bootstrap=config.eval.bootstrap,
+        seed=config.seed,
+        level=config.eval.confidence,
+    )
+    val_result = cls_metrics.evaluate(val["labels"], val["probs"], threshold=threshold, **common)
+    test = predict_split(predict, state, eval_batches("test"), mesh)  # The only read of test.
+    test_result = cls_metrics.evaluate(test["labels"], test["probs"], threshold=threshold, **common)
+    results = {
+        "dataset": {
+            "name": config.data.name,
+            "resolution": config.data.resolution,
+            "labels": config.data.labels,
+            "class_names": list(spec.class_names),
+            "label_kind": spec.label_kind,
+        },
+        "seed": int(config.seed),
+        "threshold": threshold,
+        "threshold_method": config.eval.threshold,
+        "val": val_result,
+        "test": test_result,
+        "config": config_lib.to_dict(config),
+        "software": software_versions(),
+        "device": device_description(),
+        **extra,
+    }
+    if parallel.is_main_process():
+        np.savez(os.path.join(workdir, "test_predictions.npz"), **test)
+        curves = {"test": (test["labels"], test["probs"]), "val": (val["labels"], val["probs"])}
+        if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
+            report.save_roc_curves(curves, os.path.join(workdir, "roc.png"), title="ROC (DenseNet)")
+        write_markdown(os.path.join(workdir, "results.md"), results)
+    return results
+
+
+def load_run_config(workdir: str):
+    """The resolved config a run wrote at start (workdir/config.json) as a ConfigDict."""
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a train_classifier workdir")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_checkpoint(
+    workdir: str, split: str, *, step: int | None = None, output_dir: str | None = None
+) -> dict[str, Any]:
+    """Runs a saved checkpoint on any split of its dataset; JSON + Markdown + ROC PNG.
+
+    The decision threshold is re-chosen on the validation split for this checkpoint (never on
+    the split being evaluated). `step` None = the best-by-validation checkpoint, else latest.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = load_run_config(workdir)
+    validate(config)
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), best_metric="val/auc"
+    )
+    try:
+        if step is None:
+            step = checkpointer.best_step() or checkpointer.latest_step()
+        if step is None or step not in checkpointer.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint {'' if step is None else step} in {checkpointer.directory} "
+                f"(available: {checkpointer.all_steps()})"
+            )
+        mesh = parallel.make_mesh()
+        parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
+        options = _dataset_options(config.data)
+        val_source, spec = builders.load(config.data.name, config.data.val_split, **options)
+        eval_source, _ = builders.load(config.data.name, split, **options)
+        model = make_model(config.model, spec.num_classes)
+        tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
+        resolution = int(config.data.resolution)
+        init_fn = functools.partial(
+            init_state,
+            model,
+            tx,
+            image_shape=(resolution, resolution, 1),
+            use_ema=config.optim.ema_decay > 0,
+        )
+        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+        state, _ = checkpointer.restore(
+            step, checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
+        )
+    finally:
+        checkpointer.close()
+    _, predict = compile_steps(
+        model,
+        tx,
+        make_loss_fn(spec, np.ones(spec.num_classes)),
+        schedule,
+        mesh,
+        abstract,
+        ema_decay=config.optim.ema_decay,
+        label_kind=spec.label_kind,
+    )
+    normalization = (float(config.data.mean), float(config.data.std))
+
+    def batches(source):
+        return pipeline.make_eval_dataset(
+            source,
+            spec,
+            global_batch_size=config.eval.batch_size,
+            resolution=resolution,
+            normalization=normalization,
+        )
+
+    val = predict_split(predict, state, batches(val_source), mesh)
+    threshold = cls_metrics.select_threshold(
+        val["labels"], val["probs"], config.eval.threshold, class_names=spec.class_names
+    )
+    out = predict_split(predict, state, batches(eval_source), mesh)
+    result = cls_metrics.evaluate(
+        out["labels"],
+        out["probs"],
+        threshold=threshold,
+        class_names=spec.class_names,
+        n_bootstrap=config.eval.bootstrap,
+        seed=config.seed,
+        level=config.eval.confidence,
+    )
+    results = {
+        "workdir": workdir,
+        "step": int(step),
+        "split": split,
+        "threshold": threshold,
+        "threshold_method": config.eval.threshold,
+        "seed": int(config.seed),
+        "dataset": {"name": config.data.name, "class_names": list(spec.class_names)},
+        "val": cls_metrics.evaluate(
+            val["labels"],
+            val["probs"],
+            threshold=threshold,
+            class_names=spec.class_names,
+            n_bootstrap=0,
+        ),
+        split: result,
+        "software": software_versions(),
+        "device": device_description(),
+    }
+    output_dir = output_dir or os.path.join(workdir, f"eval_{split}_step{step}")
+    if parallel.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        save_results(os.path.join(output_dir, "results.json"), results)
+        if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
+            report.save_roc_curves(
+                {split: (out["labels"], out["probs"]), "val": (val["labels"], val["probs"])},
+                os.path.join(output_dir, "roc.png"),
+                title=f"ROC, step {step}",
+            )
+        write_markdown(
+            os.path.join(output_dir, "results.md"),
+            {**results, "selected_step": step, "num_steps": config.train.num_steps},
+            splits=("val", split),
+        )
+    return results
+
+
+def write_markdown(
+    path: str, results: Mapping[str, Any], splits: tuple[str, ...] = ("val", "test")
+) -> None:
+    keys = ("auc", "pr_auc", "accuracy", "precision", "recall", "specificity", "f1")
+    rows = []
+    for split in splits:
+        result = results[split]
+        source = result if "auc" in result else result.get("macro", {})
+        row = {"split": split}
+        for key in keys:
+            if key in source:
+                row[key] = report.format_value(source[key], ci=source.get(f"{key}_ci"))
+        rows.append(row)
+    lines = [
+        f"# Classifier results: {results['dataset']['name']}",
+        "",
+        f"Checkpoint step {results.get('selected_step')} of {results.get('num_steps')}; "
+        f"threshold {results['threshold_method']} on validation = {results['threshold']}; "
+        f"seed {results['seed']}; 95% bootstrap CIs over test images.",
+        "",
+        report.markdown_table(rows, ["split", *[k for k in keys if k in rows[-1]]]),
+        "",
+        "![ROC](roc.png)" if os.path.exists(os.path.join(os.path.dirname(path), "roc.png")) else "",
+    ]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def save_results(path: str, results: Mapping[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def device_description() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 2)
