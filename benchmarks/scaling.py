@@ -60,23 +60,9 @@ def _stem() -> str:
 
 
 def initialize_distributed() -> None:
-    """Joins the multi-process run (gloo CPU collectives) before any backend is created.
-
-    `cxrjax.parallel.initialize` would be the call, but in this tree it asks
-    `jax.default_backend()` before `jax.distributed.initialize`, which creates the backend first
-    and makes `initialize` raise. This does what that function intends; calling it afterwards
-    is then a no-op.
-    """
-    import jax
-
+    """Joins the multi-process run (gloo CPU collectives) before any backend is created."""
     from cxrjax import parallel
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=COORDINATOR.value,
-        num_processes=NUM_PROCESSES.value,
-        process_id=PROCESS_ID.value,
-    )
     parallel.initialize(
         coordinator_address=COORDINATOR.value,
         num_processes=NUM_PROCESSES.value,

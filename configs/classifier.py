@@ -131,7 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # DenseNet121's depth at growth 12 fits a 2-core CPU budget (DenseNet121 itself runs
         # ~7x slower here; select it with --config.model=... on a GPU).
         config.model = model_config("densenet121_k12")
-        config.train.update(num_steps=900, eval_every=100, checkpoint_every=100)
+        config.train.update(num_steps=500, eval_every=100, checkpoint_every=100)
         config.optim.update(lr=2e-3, warmup_steps=50)
     elif preset in ("kermany_binary", "kermany_3class"):
         config.data.update(

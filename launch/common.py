@@ -20,7 +20,12 @@ class _QuietLibraries(std_logging.Filter):
 
     _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
 
+    # Orbax warns at every save without validation metrics; saves between evals are expected.
+    _EXPECTED = ("did not provide metrics",)
+
     def filter(self, record: std_logging.LogRecord) -> bool:
+        if any(text in str(record.msg) for text in self._EXPECTED):
+            return False
         if record.levelno >= std_logging.WARNING:
             return True
         return not any(part in record.pathname for part in self._NOISY)
