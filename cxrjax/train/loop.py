@@ -165,7 +165,10 @@ def run(
                 history.append({"step": step, **scalars})
             if checkpoint_every and step % checkpoint_every == 0:
                 save(step)
-            if guard.requested(step) and step < end:
+            # Across processes the check is a collective: do it at log steps only, so the
+            # step loop never waits on the host in between.
+            check_now = jax.process_count() == 1 or is_log
+            if check_now and guard.requested(step) and step < end:
                 save(step)
                 if checkpointer is not None:
                     checkpointer.wait()
