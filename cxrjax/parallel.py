@@ -21,6 +21,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cxrjax.config import ConfigError
+
 DATA_AXIS = "data"
 
 # Environment variables that mean "this process is one of several" (SLURM, Open MPI, explicit).
@@ -93,12 +95,12 @@ def check_global_batch(
     """Fails early, with the numbers, when a global batch cannot be split evenly."""
     num_devices = mesh.devices.size
     if global_batch_size <= 0 or global_batch_size % num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"global {what} size {global_batch_size} must be a positive multiple of the device "
             f"count {num_devices} (jax.device_count() over {jax.process_count()} process(es))"
         )
     if global_batch_size % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"global {what} size {global_batch_size} must divide evenly over "
             f"{jax.process_count()} processes"
         )

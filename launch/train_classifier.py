@@ -36,7 +36,6 @@ def main(argv):
         config_lib.ConfigError,
         builders.DatasetError,
         checkpoint_lib.CheckpointError,
-        ValueError,
         FileNotFoundError,
     ) as error:
         logging.error("%s", error)
