@@ -1,0 +1,293 @@
+"""DDPM runs: train with resume, periodic class-conditional sample grids, results.json.
+
+The state, step and sampler live in `cxrjax.train.diffusion` (no data stack needed); this
+module wires them to the data pipeline ([-1, 1] images), the shared loop, Orbax checkpoints
+(state + Grain iterator + run signature) and the sample PNGs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
+from cxrjax import parallel, report
+from cxrjax.data import builders, pipeline, sources
+from cxrjax.metrics import writer as writer_lib
+from cxrjax.train import loop, optim
+from cxrjax.train.classifier_run import (
+    _restore_or_init,
+    device_description,
+    elapsed,
+    save_results,
+    software_versions,
+)
+from cxrjax.train.diffusion import (
+    DTYPES,
+    MODELS,
+    NOISE_SCHEDULES,
+    PREDICTIONS,
+    compile_steps,
+    init_state,
+    make_model,
+    make_noise_schedule,
+)
+
+
+def validate(config) -> None:
+    """Every field the run relies on, checked before any data read or compile."""
+    check = config_lib.check
+    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
+    config_lib.check_choice(config, "model.name", tuple(MODELS))
+    config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
+    config_lib.check_choice(config, "diffusion.schedule", NOISE_SCHEDULES)
+    config_lib.check_choice(config, "diffusion.prediction", PREDICTIONS)
+    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    for field in (
+        "data.resolution",
+        "diffusion.num_timesteps",
+        "train.global_batch_size",
+        "train.num_steps",
+        "train.log_every",
+        "sample.steps",
+        "sample.per_class",
+    ):
+        config_lib.check_positive(config, field)
+    for field in (
+        "train.checkpoint_every",
+        "train.sample_every",
+        "data.num_workers",
+        "sample.guidance_scale",
+    ):
+        config_lib.check_positive(config, field, allow_zero=True)
+    check(
+        0.0 < config.diffusion.beta_start < config.diffusion.beta_end < 1.0,
+        "diffusion.beta_start",
+        "needs 0 < beta_start < beta_end < 1",
+    )
+    check(
+        0.0 <= config.diffusion.label_dropout < 1.0,
+        "diffusion.label_dropout",
+        "must be in [0, 1)",
+    )
+    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    check(
+        config.sample.steps <= config.diffusion.num_timesteps,
+        "sample.steps",
+        f"must be <= diffusion.num_timesteps ({config.diffusion.num_timesteps})",
+    )
+    levels = len(MODELS[config.model.name].keywords["ch_mult"]) - 1
+    check(
+        config.data.resolution % 2**levels == 0,
+        "data.resolution",
+        f"{config.model.name} needs a multiple of {2**levels}, got {config.data.resolution}",
+    )
+    check(
+        config.model.conditional or config.sample.guidance_scale == 0,
+        "sample.guidance_scale",
+        "guidance needs model.conditional = True",
+    )
+    optim.validate(config.optim)
+
+
+def _dataset_options(data) -> dict[str, Any]:
+    options = {
+        "data_dir": data.data_dir or None,
+        "manual_dir": data.manual_dir or None,
+        "resolution": data.resolution,
+        "skip_corrupt": data.skip_corrupt,
+    }
+    if data.labels:
+        options["labels"] = data.labels
+    return options
+
+
+def load_train_split(data):
+    """Prepares (idempotently) and opens the training split of the configured dataset."""
+    options = _dataset_options(data)
+    builders.prepare(data.name, **options)
+    return builders.load(data.name, data.train_split, **options)
+
+
+def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
+    """Grid labels: `per_class` of class 0, then of class 1, ... (one grid row per class)."""
+    return np.repeat(np.arange(max(num_classes, 1), dtype=np.int32), per_class)
+
+
+def sample_path(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "samples", f"step_{step:06d}.png")
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains the DDPM, saving EMA sample grids on the way; writes results.json at the end.
+
+    Re-running on the same workdir resumes an interrupted run and returns the saved results of
+    a finished one.
+    """
+    start = time.perf_counter()
+    validate(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    results_path = os.path.join(workdir, "results.json")
+    if os.path.exists(results_path):
+        logging.info("%s exists: this configuration is finished", results_path)
+        with open(results_path, encoding="utf-8") as f:
+            return json.load(f)
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(config.train.global_batch_size, mesh)
+    if parallel.is_main_process():
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+
+    train_source, spec = load_train_split(config.data)
+    if config.model.conditional and spec.label_kind != sources.MULTICLASS:
+        raise config_lib.ConfigError(
+            f"config.model.conditional: {spec.name} is {spec.label_kind}; class conditioning "
+            "needs single-label classes (set model.conditional=False)"
+        )
+    model = make_model(config.model, spec.num_classes)
+    noise_schedule = make_noise_schedule(config.diffusion)
+    num_steps = int(config.train.num_steps)
+    tx, lr_schedule = optim.make_optimizer(config.optim, num_steps)
+    resolution = int(config.data.resolution)
+    image_shape = (resolution, resolution, 1)
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = functools.partial(init_state, model, tx, image_shape=image_shape)
+    abstract = jax.eval_shape(init_fn, rng)
+    replicated = parallel.replicated(mesh)
+    train_step, sample = compile_steps(
+        model,
+        tx,
+        noise_schedule,
+        mesh,
+        abstract,
+        lr_schedule=lr_schedule,
+        prediction=config.diffusion.prediction,
+        label_dropout=float(config.diffusion.label_dropout),
+        ema_decay=float(config.optim.ema_decay),
+        image_shape=image_shape,
+        sample_steps=int(config.sample.steps),
+        guidance_scale=float(config.sample.guidance_scale),
+    )
+    train_iter = pipeline.make_train_iterator(
+        train_source,
+        spec,
+        global_batch_size=config.train.global_batch_size,
+        seed=config.seed,
+        resolution=resolution,
+        augment=config.data.augment,
+        normalization="generator",
+        num_workers=config.data.num_workers,
+    )
+
+    # Fixed noise and labels for every grid: one row per class, the same x_T at every step.
+    num_grid_classes = spec.num_classes if config.model.conditional else 1
+    grid_labels = sample_labels(num_grid_classes, int(config.sample.per_class))
+    grid_rng = parallel.replicate(np.asarray(jax.random.PRNGKey(config.sample.seed)), mesh)
+    grid_labels_device = parallel.replicate(grid_labels, mesh)
+    captions = [spec.class_names[i] for i in grid_labels] if config.model.conditional else None
+    saved_grids: list[str] = []
+
+    def sample_fn(state, step):
+        images = np.asarray(jax.device_get(sample(state.ema_params, grid_rng, grid_labels_device)))
+        if parallel.is_main_process():
+            path = sample_path(workdir, step)
+            report.save_image_grid(
+                images, path, nrow=int(config.sample.per_class), value_range=(-1.0, 1.0)
+            )
+            saved_grids.append(path)
+            logging.info("[samples] step %d -> %s (rows: %s)", step, path, captions)
+        return {"samples/mean": float(images.mean()), "samples/std": float(images.std())}
+
+    signature = {
+        "config_hash": config_lib.config_hash(
+            config,
+            ignore=("train.log_every", "data.num_workers", "train.sample_every", "sample"),
+        ),
+        "global_batch_size": int(config.train.global_batch_size),
+        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}",
+        "train_records": len(train_source),
+    }
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
+    )
+    abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
+    state, start_step = _restore_or_init(
+        checkpointer,
+        abstract_placed,
+        lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+        train_iter,
+        signature,
+    )
+    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
+    try:
+        outcome = loop.run(
+            state=state,
+            train_step=train_step,
+            batches=train_iter,
+            mesh=mesh,
+            # A host copy: the state (and its rng leaf) is donated to the first step.
+            rng=parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh),
+            start_step=start_step,
+            num_steps=num_steps,
+            images_per_step=config.train.global_batch_size,
+            checkpointer=checkpointer,
+            writer=writer,
+            log_every=config.train.log_every,
+            checkpoint_every=config.train.checkpoint_every,
+            eval_every=config.train.sample_every,
+            eval_fn=sample_fn if config.train.sample_every else None,
+            metadata={"signature": signature},
+            nonfinite=config.train.nonfinite,
+            stop_at=stop_at,
+        )
+        if outcome.preempted or outcome.step < num_steps:
+            return {"finished": False, "step": outcome.step, "preempted": outcome.preempted}
+        state = outcome.state
+        if not config.train.sample_every:
+            sample_fn(state, outcome.step)
+        losses = {
+            int(row["step"]): row["train/loss"] for row in outcome.history if "train/loss" in row
+        }
+        results = {
+            "dataset": {
+                "name": config.data.name,
+                "resolution": resolution,
+                "class_names": list(spec.class_names),
+                "train_records": len(train_source),
+            },
+            "seed": int(config.seed),
+            "num_steps": num_steps,
+            "start_step": int(start_step),
+            "final_step": int(outcome.step),
+            "num_params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
+            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+            "losses": losses,
+            "final_loss": losses[max(losses)] if losses else None,
+            "samples": sorted(
+                os.path.relpath(p, workdir) for p in _grids(os.path.join(workdir, "samples"))
+            ),
+            "history": outcome.history,
+            "config": config_lib.to_dict(config),
+            "software": software_versions(),
+            "device": device_description(),
+            "wall_time_s": elapsed(start),
+        }
+        if parallel.is_main_process():
+            save_results(results_path, results)
+        return results
+    finally:
+        writer.close()
+        checkpointer.close()
+
+
+def _grids(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".png")]
