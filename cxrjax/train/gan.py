@@ -1,0 +1,324 @@
+"""PGGAN training (Karras et al., ICLR 2018): state, the progressive schedule and the pure step.
+
+The schedule is a pure function of `images_seen`, the one counter that decides everything:
+4x4 trains "stable" for `stable_images`, then each next resolution up to the maximum first
+fades in over `fade_images` (alpha 0 -> 1) and then trains stable for `stable_images`. The
+phase of a step is the phase of `images_seen` *before* the step; alpha is computed in-graph from
+the traced `state.images_seen`, so fading never recompiles and a resumed run continues exactly.
+
+One compiled step per resolution (static): the fade and stable phases of a resolution share it.
+Each step is one D update (WGAN-GP, lambda 10, drift 1e-3, AC-GAN terms when conditional) and
+one G update against the updated D, then an EMA of G (beta 0.999), with Adam(1e-3, 0, 0.99,
+1e-8) for both, as in the official `train.py` defaults. Optimizer states are reset in-graph at
+phase starts (official `reset_opt_for_new_lod`: at each fade start and each stable start), or at
+resolution starts only, or never. This module imports no data stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from cxrjax import parallel
+from cxrjax.models import pggan
+from cxrjax.train import gan_losses
+from cxrjax.train import state as state_lib
+
+MODELS = {
+    "tiny": (pggan.GeneratorTiny, pggan.DiscriminatorTiny),
+    "demo32": (pggan.GeneratorDemo32, pggan.DiscriminatorDemo32),
+    "official1024": (pggan.GeneratorOfficial1024, pggan.DiscriminatorOfficial1024),
+}
+RESET_CHOICES = ("phase", "resolution", "never")
+FADE, STABLE = "fade", "stable"
+
+
+@struct.dataclass
+class GANState:
+    """Everything a PGGAN run needs to continue exactly; `images_seen` fixes phase and alpha."""
+
+    step: jax.Array
+    images_seen: jax.Array
+    g_params: Any
+    d_params: Any
+    g_ema_params: Any
+    g_opt_state: Any
+    d_opt_state: Any
+    rng: jax.Array
+    nonfinite_steps: jax.Array
+
+
+# ----------------------------------------------------------------------------- schedule
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    index: int  # 0 = 4x4 stable, then (fade, stable) per further resolution
+    resolution: int
+    kind: str  # FADE or STABLE
+    start: int  # images_seen at which the phase starts
+    length: int  # images in the phase
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def phases(max_resolution: int, fade_images: int, stable_images: int) -> list[Phase]:
+    """All phases in order: 4 stable, 8 fade, 8 stable, ..., max fade, max stable."""
+    out = [Phase(0, 4, STABLE, 0, stable_images)]
+    for log2 in range(3, int(math.log2(max_resolution)) + 1):
+        for kind, length in ((FADE, fade_images), (STABLE, stable_images)):
+            out.append(Phase(len(out), 2**log2, kind, out[-1].end, length))
+    return out
+
+
+def schedule(
+    images_seen: int, max_resolution: int, fade_images: int, stable_images: int
+) -> tuple[Phase, float]:
+    """(phase, alpha) at `images_seen` (host side; past the end: the last phase, alpha 1)."""
+    all_phases = phases(max_resolution, fade_images, stable_images)
+    phase = next((p for p in all_phases if images_seen < p.end), all_phases[-1])
+    alpha = 1.0
+    if phase.kind == FADE:
+        alpha = min(max((images_seen - phase.start) / phase.length, 0.0), 1.0)
+    return phase, alpha
+
+
+def fade_start(resolution: int, fade_images: int, stable_images: int) -> int:
+    """images_seen at which `resolution` (> 4) starts fading in."""
+    log2 = int(math.log2(resolution))
+    return stable_images + (log2 - 3) * (fade_images + stable_images)
+
+
+def alpha_in_graph(images_seen, resolution: int, fade_images: int, stable_images: int):
+    """Traced alpha for a static resolution: the same value `schedule` gives on the host."""
+    if resolution <= 4:
+        return jnp.float32(1.0)
+    start = fade_start(resolution, fade_images, stable_images)
+    seen = jnp.asarray(images_seen, jnp.float32)
+    return jnp.clip((seen - start) / float(fade_images), 0.0, 1.0)
+
+
+def _phase_index_in_graph(images_seen, resolution: int, fade_images: int, stable_images: int):
+    """Index of the phase at `images_seen` among this resolution's (fade, stable), as int32."""
+    start = fade_start(resolution, fade_images, stable_images) if resolution > 4 else 0
+    return (jnp.asarray(images_seen) >= start + fade_images).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- models
+def make_models(model_config: Mapping[str, Any], num_classes: int, max_resolution: int):
+    """(G, D) from the config: preset, conditional (AC-GAN) flag, minibatch-stddev group."""
+    g_cls, d_cls = MODELS[model_config["name"]]
+    k = num_classes if model_config["conditional"] else 0
+    generator = g_cls(max_resolution=max_resolution, num_classes=k)
+    discriminator = d_cls(
+        max_resolution=max_resolution,
+        num_classes=k,
+        mbstd_group_size=model_config["mbstd_group_size"],
+    )
+    return generator, discriminator
+
+
+def make_optimizer(optim_config: Mapping[str, Any]) -> optax.GradientTransformation:
+    return optax.adam(
+        optim_config["lr"], b1=optim_config["b1"], b2=optim_config["b2"], eps=optim_config["eps"]
+    )
+
+
+def init_state(generator, discriminator, g_tx, d_tx, rng, *, num_channels: int = 1) -> GANState:
+    """Parameters for every stage (the trees never change while growing), EMA = G."""
+    g_key, d_key = jax.random.split(jax.random.fold_in(rng, 1))
+    latents = jnp.zeros((1, generator.latent_dim), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if generator.num_classes else None
+    g_params = generator.init(g_key, latents, labels, resolution=4)["params"]
+    images = jnp.zeros((1, 4, 4, num_channels), jnp.float32)
+    d_params = discriminator.init(d_key, images, resolution=4)["params"]
+    return GANState(
+        step=jnp.zeros((), jnp.int32),
+        images_seen=jnp.zeros((), jnp.int32),
+        g_params=g_params,
+        d_params=d_params,
+        g_ema_params=jax.tree.map(jnp.copy, g_params),
+        g_opt_state=g_tx.init(g_params),
+        d_opt_state=d_tx.init(d_params),
+        rng=rng,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- step
+def make_train_step(
+    generator,
+    discriminator,
+    txs: tuple[optax.GradientTransformation, optax.GradientTransformation],
+    resolution: int,
+    *,
+    fade_images: int,
+    stable_images: int,
+    global_batch_size: int,
+    gp_weight: float = 10.0,
+    drift_weight: float = 1e-3,
+    cls_weight: float = 1.0,
+    ema_decay: float = 0.999,
+    reset_opt: str = "phase",
+):
+    """`train_step(state, batch, rng) -> (state, metrics)` at a static `resolution`.
+
+    `batch["image"]`: reals [B, R, R, C] in [-1, 1] at the maximum resolution (box-downsampled
+    here), `batch["label"]`: ints [B] (used when conditional). Alpha comes from
+    `state.images_seen`; a NaN/Inf loss or gradient leaves G, D, EMA and optimizer states
+    unchanged (counted in `nonfinite_steps`) while the counters advance.
+    """
+    if reset_opt not in RESET_CHOICES:
+        raise ValueError(f"reset_opt must be one of {RESET_CHOICES}, got {reset_opt!r}")
+    g_tx, d_tx = txs
+    conditional = generator.num_classes > 0
+
+    def train_step(state: GANState, batch, rng):
+        alpha = alpha_in_graph(state.images_seen, resolution, fade_images, stable_images)
+        labels = batch["label"].astype(jnp.int32) if conditional else None
+        reals = pggan.resize_reals(batch["image"].astype(jnp.float32), resolution)
+        if resolution > 4:
+            reals = pggan.fade_in_reals(reals, alpha)
+        batch_size = reals.shape[0]
+        z_d_key, z_g_key, gp_key = jax.random.split(rng, 3)
+        z_d = jax.random.normal(z_d_key, (batch_size, generator.latent_dim), jnp.float32)
+        z_g = jax.random.normal(z_g_key, (batch_size, generator.latent_dim), jnp.float32)
+
+        # Optimizer-state reset at phase (or resolution) starts: a pure function of images_seen.
+        g_opt_state, d_opt_state = state.g_opt_state, state.d_opt_state
+        if reset_opt != "never":
+            seen = state.images_seen
+            if reset_opt == "phase":
+                boundaries = [0] if resolution == 4 else []
+                if resolution > 4:
+                    start = fade_start(resolution, fade_images, stable_images)
+                    boundaries = [start, start + fade_images]
+            else:
+                boundaries = [
+                    0 if resolution == 4 else fade_start(resolution, fade_images, stable_images)
+                ]
+            # The first step at or after a boundary (boundaries need not be batch multiples).
+            reset = jnp.zeros((), jnp.bool_)
+            for boundary in boundaries:
+                reset = reset | ((seen >= boundary) & (seen - global_batch_size < boundary))
+            g_opt_state = state_lib.select(reset, g_tx.init(state.g_params), g_opt_state)
+            d_opt_state = state_lib.select(reset, d_tx.init(state.d_params), d_opt_state)
+
+        def generate(g_params, latents):
+            return generator.apply(
+                {"params": g_params}, latents, labels, resolution=resolution, alpha=alpha
+            )
+
+        def d_apply_with(d_params):
+            def d_apply(images, lab):
+                return discriminator.apply(
+                    {"params": d_params}, images, lab, resolution=resolution, alpha=alpha
+                )
+
+            return d_apply
+
+        # D update.
+        fakes = jax.lax.stop_gradient(generate(state.g_params, z_d))
+
+        def d_loss_fn(d_params):
+            return gan_losses.wgan_gp_d_loss(
+                d_apply_with(d_params),
+                reals,
+                fakes,
+                labels,
+                gp_key,
+                gp_weight=gp_weight,
+                drift_weight=drift_weight,
+                real_cls_weight=cls_weight,
+                fake_cls_weight=cls_weight,
+            )
+
+        (d_loss, d_metrics), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)
+        d_updates, d_opt_state = d_tx.update(d_grads, d_opt_state, state.d_params)
+        d_params = optax.apply_updates(state.d_params, d_updates)
+
+        # G update against the updated D.
+        def g_loss_fn(g_params):
+            return gan_losses.wgan_g_loss(
+                d_apply_with(d_params), generate(g_params, z_g), labels, cls_weight=cls_weight
+            )
+
+        (g_loss, g_metrics), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
+        g_updates, g_opt_state = g_tx.update(g_grads, g_opt_state, state.g_params)
+        g_params = optax.apply_updates(state.g_params, g_updates)
+        g_ema = jax.tree.map(
+            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.g_ema_params, g_params
+        )
+
+        d_grad_norm, g_grad_norm = optax.tree.norm(d_grads), optax.tree.norm(g_grads)
+        finite = state_lib.is_finite(d_loss, g_loss, d_grad_norm, g_grad_norm)
+        counters = dict(step=state.step + 1, images_seen=state.images_seen + jnp.int32(batch_size))
+        updated = state.replace(
+            g_params=g_params,
+            d_params=d_params,
+            g_ema_params=g_ema,
+            g_opt_state=g_opt_state,
+            d_opt_state=d_opt_state,
+            **counters,
+        )
+        kept = state.replace(nonfinite_steps=state.nonfinite_steps + 1, **counters)
+        new_state = state_lib.select(finite, updated, kept)
+        metrics = {
+            **{f"d/{k}": v for k, v in d_metrics.items()},
+            **{f"g/{k}": v for k, v in g_metrics.items()},
+            "d/param_grad_norm": d_grad_norm,
+            "g/param_grad_norm": g_grad_norm,
+            "alpha": alpha,
+            "resolution": jnp.float32(resolution),
+            "images_seen": new_state.images_seen.astype(jnp.float32),
+            "nonfinite_steps": new_state.nonfinite_steps,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+class CompiledSteps:
+    """Compiled train steps keyed by resolution (static), built on first use and cached.
+
+    `len(steps.cache)` counts compiled resolutions: alpha is traced, so fade and stable phases of
+    one resolution share one entry and one XLA compile.
+    """
+
+    def __init__(self, make_step, mesh, abstract_state):
+        self._make_step = make_step
+        replicated = parallel.replicated(mesh)
+        self._shardings = dict(
+            in_shardings=(
+                jax.tree.map(lambda _: replicated, abstract_state),
+                parallel.data_sharding(mesh),
+                replicated,
+            ),
+            out_shardings=(jax.tree.map(lambda _: replicated, abstract_state), replicated),
+            donate_argnums=0,
+        )
+        self.cache: dict[int, Any] = {}
+
+    def __call__(self, resolution: int):
+        if resolution not in self.cache:
+            self.cache[resolution] = jax.jit(self._make_step(resolution), **self._shardings)
+        return self.cache[resolution]
+
+
+def make_sample_fn(generator):
+    """`sample(g_params, latents, labels, alpha, *, resolution)` -> images in [-1, 1] (jitted)."""
+
+    def sample(g_params, latents, labels, alpha, resolution):
+        labels = labels if generator.num_classes else None
+        return generator.apply(
+            {"params": g_params}, latents, labels, resolution=resolution, alpha=alpha
+        )
+
+    return jax.jit(sample, static_argnames="resolution")

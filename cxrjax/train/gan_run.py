@@ -1,0 +1,280 @@
+"""PGGAN runs: progressive training through the shared loop, exact resume, sample grids.
+
+Each schedule phase (4x4 stable, then fade / stable per resolution) is one `loop.run` segment
+with its resolution's compiled step; global step numbers run across segments, so the loop's
+per-step key `fold_in(rng, step)`, checkpoints and logs are those of one long run. The
+checkpoint holds the whole `GANState` (its `images_seen` fixes phase and alpha) and the Grain
+iterator, so a stop anywhere, mid-fade included, resumes exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
+from cxrjax import parallel, report
+from cxrjax.data import builders, pipeline
+from cxrjax.metrics import writer as writer_lib
+from cxrjax.train import gan, loop
+from cxrjax.train.classifier_run import (
+    _restore_or_init,
+    device_description,
+    elapsed,
+    save_results,
+    software_versions,
+)
+
+
+def validate(config) -> None:
+    """Every field the run relies on, checked before any data read or compile."""
+    check = config_lib.check
+    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
+    config_lib.check_choice(config, "model.name", tuple(gan.MODELS))
+    config_lib.check_choice(config, "optim.reset_opt", gan.RESET_CHOICES)
+    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    resolution = config.data.resolution
+    check(
+        isinstance(resolution, int)
+        and 8 <= resolution <= 1024
+        and resolution & (resolution - 1) == 0,
+        "data.resolution",
+        f"must be a power of two in [8, 1024] (the final PGGAN resolution), got {resolution!r}",
+    )
+    for field in (
+        "train.global_batch_size",
+        "train.log_every",
+        "schedule.fade_images",
+        "schedule.stable_images",
+        "optim.lr",
+        "samples.per_class",
+    ):
+        config_lib.check_positive(config, field)
+    for field in ("train.checkpoint_every", "data.num_workers", "data.source_resolution"):
+        config_lib.check_positive(config, field, allow_zero=True)
+    group = config.model.mbstd_group_size
+    batch = config.train.global_batch_size
+    check(
+        group <= 1 or batch % group == 0,
+        "train.global_batch_size",
+        f"{batch} is not divisible by the minibatch-stddev group model.mbstd_group_size={group}",
+    )
+    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    check(0.0 <= config.optim.b1 < 1.0, "optim.b1", "must be in [0, 1)")
+    check(0.0 <= config.optim.b2 < 1.0, "optim.b2", "must be in [0, 1)")
+    check(config.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0")
+
+
+def _phases(config) -> list[gan.Phase]:
+    return gan.phases(
+        config.data.resolution, config.schedule.fade_images, config.schedule.stable_images
+    )
+
+
+def phase_end_step(phase: gan.Phase, global_batch_size: int) -> int:
+    """The global step after which the phase is over (its first step s has s*B >= start)."""
+    return math.ceil(phase.end / global_batch_size)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains PGGAN through every phase; writes samples/, checkpoints/, results.json.
+
+    Re-running on the same workdir resumes (mid-phase included) and returns the saved results
+    of a finished run. `stop_at` stops after that global step with a checkpoint.
+    """
+    start_time = time.perf_counter()
+    validate(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    results_path = os.path.join(workdir, "results.json")
+    if os.path.exists(results_path):
+        with open(results_path, encoding="utf-8") as f:
+            return json.load(f)
+    mesh = parallel.make_mesh()
+    batch_size = int(config.train.global_batch_size)
+    parallel.check_global_batch(batch_size, mesh)
+    if parallel.is_main_process():
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+
+    data = config.data
+    options = {
+        "data_dir": data.data_dir or None,
+        "manual_dir": data.manual_dir or None,
+        "resolution": data.source_resolution or None,
+        "skip_corrupt": data.skip_corrupt,
+    }
+    if data.labels:
+        options["labels"] = data.labels
+    builders.prepare(data.name, **options)
+    train_source, spec = builders.load(data.name, data.train_split, **options)
+    max_resolution = int(data.resolution)
+    generator, discriminator = gan.make_models(config.model, spec.num_classes, max_resolution)
+    g_tx = d_tx = gan.make_optimizer(config.optim)
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = functools.partial(init_state_fn, generator, discriminator, g_tx, d_tx)
+    abstract = jax.eval_shape(init_fn, rng)
+    replicated = parallel.replicated(mesh)
+    steps = gan.CompiledSteps(
+        functools.partial(
+            gan.make_train_step,
+            generator,
+            discriminator,
+            (g_tx, d_tx),
+            fade_images=int(config.schedule.fade_images),
+            stable_images=int(config.schedule.stable_images),
+            global_batch_size=batch_size,
+            gp_weight=config.loss.gp_weight,
+            drift_weight=config.loss.drift_weight,
+            cls_weight=config.loss.cls_weight,
+            ema_decay=config.optim.ema_decay,
+            reset_opt=config.optim.reset_opt,
+        ),
+        mesh,
+        abstract,
+    )
+    train_iter = pipeline.make_train_iterator(
+        train_source,
+        spec,
+        global_batch_size=batch_size,
+        seed=config.seed,
+        resolution=max_resolution,
+        augment=data.augment,
+        normalization="generator",
+        num_workers=data.num_workers,
+    )
+    signature = {
+        "config_hash": config_lib.config_hash(
+            config, ignore=("train.log_every", "data.num_workers", "train.checkpoint_every")
+        ),
+        "global_batch_size": batch_size,
+        "dataset": f"{data.name}:{data.source_resolution}:{data.labels}",
+        "train_records": len(train_source),
+    }
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
+    )
+    state, step = _restore_or_init(
+        checkpointer,
+        checkpoint_lib.abstract_like(abstract, replicated),
+        lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+        train_iter,
+        signature,
+    )
+    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
+    sampler = Sampler(generator, config, spec, workdir)
+    base_rng = parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh)
+    history: list[dict[str, float]] = []
+    all_phases = _phases(config)
+    try:
+        for phase in all_phases:
+            end = phase_end_step(phase, batch_size)
+            if step >= end:
+                continue
+            logging.info(
+                "phase %d: %s at %dx%d, steps %d..%d",
+                phase.index,
+                phase.kind,
+                phase.resolution,
+                phase.resolution,
+                step + 1,
+                end,
+            )
+            outcome = loop.run(
+                state=state,
+                train_step=steps(phase.resolution),
+                batches=train_iter,
+                mesh=mesh,
+                rng=base_rng,
+                start_step=step,
+                num_steps=end,
+                images_per_step=batch_size,
+                checkpointer=checkpointer,
+                writer=writer,
+                log_every=config.train.log_every,
+                checkpoint_every=config.train.checkpoint_every,
+                metadata={"signature": signature, "phase": phase.index},
+                nonfinite=config.train.nonfinite,
+                label="train",
+                stop_at=stop_at,
+            )
+            state, step = outcome.state, outcome.step
+            history.extend(outcome.history)
+            if outcome.preempted or step < end:
+                return {"finished": False, "step": step, "preempted": outcome.preempted}
+            sampler.save(state, phase, config.schedule)
+        results = {
+            "finished": True,
+            "step": int(step),
+            "images_seen": int(jax.device_get(state.images_seen)),
+            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+            "phases": [{**vars(p), "end_step": phase_end_step(p, batch_size)} for p in all_phases],
+            "compiled_resolutions": sorted(steps.cache),
+            "samples": sorted(os.listdir(sampler.directory))
+            if os.path.isdir(sampler.directory)
+            else [],
+            "class_names": list(spec.class_names),
+            "history": history,
+            "config": config_lib.to_dict(config),
+            "software": software_versions(),
+            "device": device_description(),
+            "wall_time_s": elapsed(start_time),
+        }
+        if parallel.is_main_process():
+            save_results(results_path, results)
+        return results
+    finally:
+        writer.close()
+        checkpointer.close()
+
+
+def init_state_fn(generator, discriminator, g_tx, d_tx, rng):
+    return gan.init_state(generator, discriminator, g_tx, d_tx, rng)
+
+
+class Sampler:
+    """Per-phase PNG grids from EMA G: one row per class, fixed latents (seed-derived)."""
+
+    def __init__(self, generator, config, spec, workdir: str):
+        self.generator = generator
+        self.directory = os.path.join(workdir, "samples")
+        self.max_resolution = int(config.data.resolution)
+        per_class = int(config.samples.per_class)
+        num_classes = generator.num_classes or 1
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)
+        self.latents = jax.random.normal(
+            key, (num_classes * per_class, generator.latent_dim), jnp.float32
+        )
+        self.labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), per_class)
+        self.per_class = per_class
+        self.class_names = spec.class_names if generator.num_classes else None
+        self._sample = gan.make_sample_fn(generator)
+
+    def save(self, state, phase: gan.Phase, schedule) -> str | None:
+        name = f"phase{phase.index:02d}_{phase.resolution}x{phase.resolution}_{phase.kind}.png"
+        path = os.path.join(self.directory, name)
+        _, alpha = gan.schedule(
+            phase.end - 1, self.max_resolution, schedule.fade_images, schedule.stable_images
+        )
+        alpha = 1.0 if phase.kind == gan.STABLE else alpha
+        images = self._sample(
+            state.g_ema_params, self.latents, self.labels, alpha, resolution=phase.resolution
+        )
+        images = np.asarray(jax.device_get(images), np.float32)
+        factor = self.max_resolution // phase.resolution
+        images = images.repeat(factor, axis=1).repeat(factor, axis=2)  # nearest, for comparison
+        if not parallel.is_main_process():
+            return None
+        os.makedirs(self.directory, exist_ok=True)
+        report.save_image_grid(
+            np.clip(images, -1.0, 1.0), path, nrow=self.per_class, value_range=(-1.0, 1.0)
+        )
+        return path
