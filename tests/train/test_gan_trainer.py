@@ -1,0 +1,160 @@
+"""PGGAN trainer: schedule, traced alpha (one compile per resolution), exact resume mid-fade."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pggan as pggan_configs
+from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
+from cxrjax import parallel
+from cxrjax.data import builders
+from cxrjax.train import gan, gan_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(data_dir, **schedule):
+    config = pggan_configs.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.schedule.update(schedule)
+    return config
+
+
+def test_schedule_matches_hand_values():
+    # max 16, fade 100, stable 50: 4 stable [0,50), 8 fade [50,150), 8 stable [150,200),
+    # 16 fade [200,300), 16 stable [300,350).
+    cases = {
+        0: (0, 4, "stable", 1.0),
+        49: (0, 4, "stable", 1.0),
+        50: (1, 8, "fade", 0.0),
+        100: (1, 8, "fade", 0.5),
+        149: (1, 8, "fade", 0.99),
+        150: (2, 8, "stable", 1.0),
+        199: (2, 8, "stable", 1.0),
+        200: (3, 16, "fade", 0.0),
+        275: (3, 16, "fade", 0.75),
+        300: (4, 16, "stable", 1.0),
+        10_000: (4, 16, "stable", 1.0),
+    }
+    for seen, (index, resolution, kind, alpha) in cases.items():
+        phase, got = gan.schedule(seen, 16, 100, 50)
+        assert (phase.index, phase.resolution, phase.kind) == (index, resolution, kind), seen
+        assert got == pytest.approx(alpha), seen
+        traced = jax.jit(gan.alpha_in_graph, static_argnums=(1, 2, 3))(seen, resolution, 100, 50)
+        assert float(traced) == pytest.approx(alpha), seen
+    assert [p.end for p in gan.phases(16, 100, 50)] == [50, 150, 200, 300, 350]
+    assert gan_run.phase_end_step(gan.phases(16, 100, 50)[1], 16) == 10  # ceil(150 / 16)
+
+
+def test_alpha_is_traced_one_compile_per_resolution():
+    generator, discriminator = gan.make_models(
+        dict(name="tiny", conditional=True, mbstd_group_size=2), num_classes=2, max_resolution=8
+    )
+    tx = gan.make_optimizer(dict(lr=1e-3, b1=0.0, b2=0.99, eps=1e-8))
+    mesh = parallel.make_mesh()
+    init = jax.jit(lambda key: gan.init_state(generator, discriminator, tx, tx, key))
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    steps = gan.CompiledSteps(
+        lambda r: gan.make_train_step(
+            generator,
+            discriminator,
+            (tx, tx),
+            r,
+            fade_images=64,
+            stable_images=32,
+            global_batch_size=8,
+        ),
+        mesh,
+        abstract,
+    )
+    batch = {
+        "image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)), jnp.float32),
+        "label": jnp.asarray([0, 1] * 4, jnp.int32),
+    }
+    alphas = []
+    for seen in (32, 48, 80, 96):  # fade start, 1/4, 3/4, stable
+        state = init(jax.random.PRNGKey(0)).replace(images_seen=jnp.int32(seen))
+        state, metrics = steps(8)(state, batch, jax.random.PRNGKey(1))
+        alphas.append(float(metrics["alpha"]))
+        assert int(state.images_seen) == seen + 8
+    assert alphas == pytest.approx([0.0, 0.25, 0.75, 1.0])
+    assert len(steps.cache) == 1 and steps(8)._cache_size() == 1  # no recompiles for alpha
+
+
+def test_bad_resolution_fails_before_data_read(tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before validation")
+
+    monkeypatch.setattr(builders, "prepare", no_data)
+    monkeypatch.setattr(builders, "load", no_data)
+    config = tiny_config(str(tmp_path))
+    config.data.resolution = 24
+    with pytest.raises(config_lib.ConfigError, match="data.resolution"):
+        gan_run.train_and_evaluate(config, str(tmp_path / "wd"))
+    config = tiny_config(str(tmp_path))
+    config.train.global_batch_size = 17
+    with pytest.raises(config_lib.ConfigError, match="mbstd_group_size"):
+        gan_run.train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+def _final_state(workdir):
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    state, _ = ckpt.restore(step, None)
+    data = json.loads((ckpt.directory / str(step) / "data" / "process_0-of-1.json").read_text())
+    ckpt.close()
+    return step, state, data
+
+
+def test_resume_mid_fade_equals_uninterrupted(shipped_data_dir, tmp_path):
+    # Max 8, batch 16: 4 stable = steps 1-2, 8 fade = steps 3-6, 8 stable = steps 7-8.
+    config = tiny_config(shipped_data_dir, fade_images=64, stable_images=32)
+    config.data.resolution = 8
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    full = gan_run.train_and_evaluate(config, straight)
+    assert full["step"] == 8 and full["images_seen"] == 128
+    assert full["compiled_resolutions"] == [4, 8]
+    partial = gan_run.train_and_evaluate(config, resumed, stop_at=4)  # alpha 0.5 next
+    assert partial == {"finished": False, "step": 4, "preempted": False}
+    gan_run.train_and_evaluate(config, resumed)  # fresh iterator, state, checkpointer
+
+    step_a, state_a, data_a = _final_state(straight)
+    step_b, state_b, data_b = _final_state(resumed)
+    assert step_a == step_b == 8
+    assert data_a == data_b
+    for key in ("g_params", "d_params", "g_ema_params", "g_opt_state", "d_opt_state"):
+        leaves_a, leaves_b = jax.tree.leaves(state_a[key]), jax.tree.leaves(state_b[key])
+        assert leaves_a
+        for a, b in zip(leaves_a, leaves_b, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6, err_msg=key)
+    assert int(state_b["images_seen"]) == 128
+
+
+def test_train_pggan_entry_point_tiny(shipped_data_dir, tmp_path):
+    workdir = tmp_path / "wd"
+    command = [
+        sys.executable,
+        "-m",
+        "launch.train_pggan",
+        "--config=configs/pggan.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={shipped_data_dir}",
+        "--config.schedule.fade_images=16",
+        "--config.schedule.stable_images=16",
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["step"] == 5 and results["compiled_resolutions"] == [4, 8, 16]
+    assert [p["resolution"] for p in results["phases"]] == [4, 8, 8, 16, 16]
+    pngs = sorted(os.listdir(workdir / "samples"))
+    assert len(pngs) == 5 and pngs[-1] == "phase04_16x16_stable.png"
+    assert all((workdir / "samples" / p).stat().st_size > 0 for p in pngs)
