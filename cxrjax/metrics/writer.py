@@ -83,6 +83,10 @@ class Progress:
         self._last_step = start_step
         self._last_time = time.perf_counter()
 
+    def exclude_elapsed(self) -> None:
+        """Leaves the time since the last update (e.g. an evaluation) out of the rate."""
+        self._last_time = time.perf_counter()
+
     def update(self, step: int, scalars: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Logs one progress line; returns the throughput figures for the metric writer."""
         now = time.perf_counter()

@@ -155,6 +155,7 @@ def run(
                 scalars.update(progress.update(step, scalars))
                 if is_eval:
                     last_eval, last_eval_step = dict(eval_fn(state, step)), step
+                    progress.exclude_elapsed()  # images/s and ETA count training steps only
                     scalars.update(last_eval)
                     logging.info(
                         "[eval] step %d %s",
