@@ -252,9 +252,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         state = outcome.state
         if not config.train.sample_every:
             sample_fn(state, outcome.step)
-        losses = {
-            int(row["step"]): row["train/loss"] for row in outcome.history if "train/loss" in row
-        }
+        losses = _losses(workdir, outcome.history)
         results = {
             "dataset": {
                 "name": config.data.name,
@@ -269,7 +267,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             "num_params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
             "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
             "losses": losses,
-            "final_loss": losses[max(losses)] if losses else None,
+            "final_loss": losses[max(losses, key=int)] if losses else None,
             "samples": sorted(
                 os.path.relpath(p, workdir) for p in _grids(os.path.join(workdir, "samples"))
             ),
@@ -285,6 +283,16 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     finally:
         writer.close()
         checkpointer.close()
+
+
+def _losses(workdir: str, history: list[dict[str, Any]]) -> dict[str, float]:
+    """Logged training losses by step over the whole run (all sessions, via metrics.jsonl)."""
+    rows = list(history)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    return {str(int(r["step"])): float(r["train/loss"]) for r in rows if "train/loss" in r}
 
 
 def _grids(directory: str) -> list[str]:
