@@ -149,7 +149,14 @@ def test_train_pggan_entry_point_tiny(shipped_data_dir, tmp_path):
         "--config.schedule.fade_images=16",
         "--config.schedule.stable_images=16",
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        # The settings conftest gives this process: fast compiles and the shared compile cache.
+        JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    )
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
