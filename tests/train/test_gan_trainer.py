@@ -78,13 +78,20 @@ def test_alpha_is_traced_one_compile_per_resolution():
         "image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)), jnp.float32),
         "label": jnp.asarray([0, 1] * 4, jnp.int32),
     }
-    alphas = []
-    for seen in (32, 48, 80, 96):  # fade start, 1/4, 3/4, stable
+    alphas, adam_counts = [], []
+    for seen in (32, 48, 80, 96):  # fade start, 1/4, 3/4, stable start
         state = init(jax.random.PRNGKey(0)).replace(images_seen=jnp.int32(seen))
+        # Pretend Adam has run 5 steps: phase starts (fade, stable) reset it in-graph.
+        state = state.replace(
+            g_opt_state=(state.g_opt_state[0]._replace(count=jnp.int32(5)), *state.g_opt_state[1:])
+        )
         state, metrics = steps(8)(state, batch, jax.random.PRNGKey(1))
         alphas.append(float(metrics["alpha"]))
+        adam_counts.append(int(state.g_opt_state[0].count))
         assert int(state.images_seen) == seen + 8
+        assert int(state.nonfinite_steps) == 0
     assert alphas == pytest.approx([0.0, 0.25, 0.75, 1.0])
+    assert adam_counts == [1, 6, 6, 1]  # reset at the fade start and the stable start only
     assert len(steps.cache) == 1 and steps(8)._cache_size() == 1  # no recompiles for alpha
 
 
