@@ -1,5 +1,6 @@
 """DDPM trainer: jitted sampler determinism, validation before data, exact resume, CLI smoke."""
 
+import functools
 import json
 import os
 import subprocess
@@ -27,15 +28,18 @@ def tiny_config(data_dir, **train):
     return config
 
 
-def test_sampler_takes_params_as_argument_and_is_deterministic():
+@pytest.fixture(scope="module")
+def tiny_setup():
+    """unet_tiny (2 classes) at 8x8 with the tiny preset's optimizer; state from a jitted init."""
     model = unet.unet_tiny(num_classes=2)
-    params = model.init(
-        jax.random.PRNGKey(0),
-        np.zeros((1, 8, 8, 1)),
-        np.zeros(1, np.int32),
-        np.zeros(1, np.int32),
-        train=False,
-    )["params"]
+    tx, lr = optim.make_optimizer(ddpm_configs.get_config("tiny").optim, 4)
+    init = jax.jit(functools.partial(ddpm.init_state, model, tx, image_shape=(8, 8, 1)))
+    return model, tx, lr, init(jax.random.PRNGKey(0))
+
+
+def test_sampler_takes_params_as_argument_and_is_deterministic(tiny_setup):
+    model, _, _, state = tiny_setup
+    params = state.ema_params
     sample = jax.jit(
         ddpm.make_sample_fn(
             model, diffusion.linear_schedule(50), (8, 8, 1), steps=3, guidance_scale=1.0
@@ -52,11 +56,8 @@ def test_sampler_takes_params_as_argument_and_is_deterministic():
     assert sample._cache_size() == 1  # ... and new params reuse the one compiled program
 
 
-def test_train_step_updates_and_skips_nonfinite():
-    model = unet.unet_tiny(num_classes=2)
-    config = ddpm_configs.get_config("tiny")
-    tx, lr = optim.make_optimizer(config.optim, 4)
-    state = ddpm.init_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+def test_train_step_updates_and_skips_nonfinite(tiny_setup):
+    model, tx, lr, state = tiny_setup
     step = jax.jit(
         ddpm.make_train_step(
             model,
@@ -126,7 +127,8 @@ def _final_state(workdir):
 
 
 def test_stop_and_resume_equals_uninterrupted(shipped_data_dir, tmp_path):
-    config = tiny_config(shipped_data_dir, num_steps=4, checkpoint_every=2, sample_every=4)
+    # No periodic saves (each costs seconds on 4 fake devices): stop_at and the end save.
+    config = tiny_config(shipped_data_dir, num_steps=4, checkpoint_every=0, sample_every=4)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     full = diffusion_run.train_and_evaluate(config, straight)
     partial = diffusion_run.train_and_evaluate(config, resumed, stop_at=2)
@@ -152,12 +154,6 @@ def test_stop_and_resume_equals_uninterrupted(shipped_data_dir, tmp_path):
         assert f.read() == g.read()
     # A finished run returns its saved results instead of training again.
     assert diffusion_run.train_and_evaluate(config, resumed)["wall_time_s"] == again["wall_time_s"]
-
-    config.train.global_batch_size = 4  # a different setup must not resume this workdir
-    config.train.num_steps = 6
-    os.remove(os.path.join(resumed, "results.json"))
-    with pytest.raises(checkpoint_lib.CheckpointError, match="global_batch_size"):
-        diffusion_run.train_and_evaluate(config, resumed)
 
 
 def test_train_ddpm_entry_point(shipped_data_dir, tmp_path):
@@ -185,12 +181,7 @@ def test_train_ddpm_entry_point(shipped_data_dir, tmp_path):
     assert (workdir / "samples" / "step_000004.png").stat().st_size > 0
     assert results["wall_time_s"] > 0 and (workdir / "config.json").exists()
 
-    bad = subprocess.run(
-        [*command[:-1], "--config.diffusion.prediction=x0"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 1 and "diffusion.prediction" in bad.stderr
+
+@pytest.mark.parametrize("preset", ["tiny", "pneumonia_mnist"])
+def test_presets_validate(preset):
+    diffusion_run.validate(ddpm_configs.get_config(preset))
