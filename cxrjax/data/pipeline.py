@@ -1,8 +1,10 @@
 """Grain input pipelines: training batches (sharded, shuffled, augmented) and padded eval batches.
 
-Training order: source -> (scarcity/mixing selection, done by `mixing` before the call) -> shard
-by process -> shuffle(seed), re-shuffled every epoch (or class-balanced epochs) -> decode ->
-resize -> augment -> float -> labels -> batch -> to_iter_dataset -> optional worker processes.
+Training order: source -> (scarcity/mixing selection, done by `mixing` before the call) ->
+shuffle(seed), re-shuffled every epoch (or class-balanced epochs) -> decode -> resize -> augment
+-> float -> labels -> this process's rows of each global batch -> batch -> to_iter_dataset ->
+optional worker processes. All maps are lazy, so a process decodes only its own rows, and the
+global stream (order and augmentation) is the same whatever the process count.
 
 Everything before `to_iter_dataset` is a random-access `MapDataset`, so an iterator's whole state
 is the index of the next batch: `get_state()` is a tiny JSON dict, restoring it resumes on
@@ -79,26 +81,51 @@ def derive_seed(seed: int, *words: int) -> int:
     return int(np.random.SeedSequence([int(seed), *map(int, words)]).generate_state(1)[0])
 
 
-def shard_size(num_records: int, process_count: int) -> int:
-    """Records per process for training: equal for all, dropping at most process_count - 1."""
-    size = num_records // process_count
-    if size == 0:
-        raise ValueError(f"{num_records} records cannot be sharded over {process_count} processes")
-    return size
-
-
 def steps_per_epoch(
     num_records: int,
     global_batch_size: int,
     *,
-    process_count: int = 1,
     balanced_classes: int | None = None,
 ) -> int:
-    """Full training batches in one epoch, as `make_train_dataset` defines an epoch."""
-    size = shard_size(num_records, process_count)
+    """Full global batches in one epoch, as `make_train_dataset` defines an epoch.
+
+    An epoch is a permutation of the whole dataset (shared by all processes), so this does not
+    depend on the process count.
+    """
+    size = num_records
     if balanced_classes:
         size = max(1, size // balanced_classes) * balanced_classes
-    return size // (global_batch_size // process_count)
+    return size // global_batch_size
+
+
+class ProcessSlice(grain.MapDataset):
+    """This process's rows of every global batch of `parent` (a stream of examples).
+
+    Local index i maps to global position (i // local) * global + p * local + i % local, so
+    the processes together see exactly the global batches a single process would: the same
+    shuffle, the same augmentation keys, the same training run for any process count.
+    """
+
+    def __init__(
+        self, parent: grain.MapDataset, *, global_batch: int, local_batch: int, process_index: int
+    ):
+        super().__init__(parent)
+        self._global = global_batch
+        self._local = local_batch
+        self._offset = process_index * local_batch
+        self._length = (len(parent) // global_batch) * local_batch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(int(index), self._local)
+        return self._parent[batch * self._global + self._offset + row]
+
+    def __str__(self) -> str:
+        return f"ProcessSlice(global={self._global}, local={self._local}, offset={self._offset})"
 
 
 class BalancedEpochs(grain.MapDataset):
@@ -221,8 +248,10 @@ def make_train_dataset(
     `normalization`: a preset ("generator" = [-1, 1], "unit", "imagenet"), (mean, std) or Mapping.
     `balanced`: every epoch draws each class equally (multi-class only); `labels` aligned with
     `source` skip reading them (see `mixing.read_labels` for a cached read).
-    `num_epochs`: None repeats forever. Each epoch is a fresh shuffle of this process's shard;
+    `num_epochs`: None repeats forever. Each epoch is a fresh shuffle of the whole dataset;
     batches run across epoch boundaries, so only the very last partial batch is dropped.
+    Process p gets rows [p * B/P, (p + 1) * B/P) of every global batch of B: the run is the
+    same for any process count at the same global batch.
     """
     topology = resolve_topology(process_index, process_count, device_count)
     batch_size = local_batch_size(global_batch_size, topology)
@@ -230,39 +259,41 @@ def make_train_dataset(
     augment = transforms.AugmentConfig.from_config(augment)
     normalization = transforms.Normalization.from_config(normalization)
     mixed = mixing.as_mixed(source)
-    size = shard_size(len(mixed), topology.process_count)
-    p, count = topology.process_index, topology.process_count
 
-    # Strided shards: disjoint, and each sees every class even when the source is sorted by it.
-    ds = grain.MapDataset.source(mixed)[p::count][:size]
+    # One global example stream, identical on every process: shuffled (or class-balanced) per
+    # epoch, decoded and augmented lazily by stream position; each process then reads only its
+    # rows of each global batch (ProcessSlice), so its reads are disjoint from the others'.
+    ds = grain.MapDataset.source(mixed)
     if balanced:
         labels = mixing.read_labels(mixed) if labels is None else np.asarray(labels)
         if len(labels) != len(mixed):
             raise ValueError(f"{len(labels)} labels given for a source of {len(mixed)} records")
         mixing.check_balanceable(labels, spec)
         ds = BalancedEpochs(
-            ds,
-            labels[p::count][:size],
-            spec.num_classes,
-            seed=derive_seed(seed, p, 1),
-            num_epochs=num_epochs,
+            ds, labels, spec.num_classes, seed=derive_seed(seed, 1), num_epochs=num_epochs
         )
     else:
         # MapDataset.shuffle seeds epoch e with (seed + e) for indices past the first epoch,
         # so shuffle-then-repeat gives a fresh permutation every epoch (tested).
-        ds = ds.shuffle(seed=derive_seed(seed, p, 1)).repeat(num_epochs)
-    if num_epochs is not None and len(ds) < batch_size:
+        ds = ds.shuffle(seed=derive_seed(seed, 1)).repeat(num_epochs)
+    if num_epochs is not None and len(ds) < global_batch_size:
         raise ValueError(
-            f"{len(ds)} records over {num_epochs} epochs make no batch of {batch_size}"
+            f"{len(ds)} records over {num_epochs} epochs make no batch of {global_batch_size}"
         )
 
     ds = ds.map(transforms.DecodeImage()).map(transforms.ResizeImage(resolution))
     if augment.enabled:
         # The rng is keyed by (seed, position in the repeated stream) = (seed, epoch, index).
-        ds = ds.random_map(transforms.RandomAugment(augment), seed=derive_seed(seed, p, 2))
+        ds = ds.random_map(transforms.RandomAugment(augment), seed=derive_seed(seed, 2))
     ds = ds.map(transforms.ToFloat(normalization))
     ds = ds.map(transforms.CastLabel(spec.label_kind, spec.num_classes))
     ds = ds.map(transforms.SelectFields(TRAIN_KEYS))
+    ds = ProcessSlice(
+        ds,
+        global_batch=global_batch_size,
+        local_batch=batch_size,
+        process_index=topology.process_index,
+    )
     return _finish(
         ds,
         batch_size=batch_size,

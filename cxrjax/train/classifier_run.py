@@ -58,6 +58,9 @@ def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
         for key in chunks:
             chunks[key].append(np.asarray(host[key])[keep])
     out = {key: np.concatenate(values) for key, values in chunks.items()}
+    # Record order, whatever the process count: gathered batches interleave the processes.
+    order = np.argsort(out["index"], kind="stable")
+    out = {key: value[order] for key, value in out.items()}
     out["probs"] = out["probs"].astype(np.float64)
     return out
 

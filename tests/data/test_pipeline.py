@@ -67,17 +67,24 @@ def test_each_epoch_is_a_fresh_permutation():
     assert not np.array_equal(epochs[0], epochs[1])
 
 
-def test_process_shards_are_disjoint_equal_and_cover_the_data():
-    records = _png_records(np.arange(49) % 2)  # 49 = 2 * 24 + 1: one record is dropped.
-    seen = []
-    for p in range(2):
-        it = _train(records, process_index=p, process_count=2, augment={"enabled": False})
-        batches = _take(it, 12)  # 24 records per process = 6 local batches of 4 per epoch.
-        assert batches[0]["image"].shape[0] == 4
-        epochs = [np.concatenate([b["index"] for b in batches[i : i + 6]]) for i in (0, 6)]
-        assert len(set(epochs[0])) == 24 and set(epochs[0]) == set(epochs[1])
-        seen.append(set(epochs[0]))
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 48
+def test_processes_split_each_global_batch_whatever_the_process_count():
+    records = _png_records(np.arange(49) % 2)
+    single = _take(_train(records), 14)  # global batch 8, augmentation on, crosses epochs
+    halves = [
+        _take(_train(records, process_index=p, process_count=2, device_count=2), 14)
+        for p in range(2)
+    ]
+    for step, whole in enumerate(single):
+        parts = [halves[p][step] for p in range(2)]
+        assert parts[0]["image"].shape[0] == 4
+        assert not set(parts[0]["index"]) & set(parts[1]["index"])  # disjoint reads
+        for key in ("index", "label", "image"):
+            np.testing.assert_array_equal(
+                np.concatenate([part[key] for part in parts]), whole[key], err_msg=key
+            )
+    # Every record is seen once per epoch (49 records, epochs of 49 in the global stream).
+    stream = np.concatenate([b["index"] for b in single])
+    assert sorted(stream[:49]) == list(range(49))
 
 
 def test_resume_from_state_gives_exactly_the_next_batches(tmp_path):
