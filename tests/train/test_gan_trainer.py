@@ -124,10 +124,13 @@ def test_resume_mid_fade_equals_uninterrupted(shipped_data_dir, tmp_path):
     # Max 8, batch 16: 4 stable = steps 1-2, 8 fade = steps 3-6, 8 stable = steps 7-8.
     config = tiny_config(shipped_data_dir, fade_images=64, stable_images=32)
     config.data.resolution = 8
+    config.train.log_every = 1
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     full = gan_run.train_and_evaluate(config, straight)
     assert full["step"] == 8 and full["images_seen"] == 128
-    assert full["compiled_resolutions"] == [4, 8]
+    assert full["compiled_resolutions"] == [4, 8]  # 3 phases, one compile per resolution
+    alphas = {row["step"]: row["train/alpha"] for row in full["history"]}
+    assert [alphas[s] for s in range(3, 9)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     partial = gan_run.train_and_evaluate(config, resumed, stop_at=4)  # alpha 0.5 next
     assert partial == {"finished": False, "step": 4, "preempted": False}
     gan_run.train_and_evaluate(config, resumed)  # fresh iterator, state, checkpointer
