@@ -161,7 +161,6 @@ def make_train_step(
     *,
     fade_images: int,
     stable_images: int,
-    global_batch_size: int,
     gp_weight: float = 10.0,
     drift_weight: float = 1e-3,
     cls_weight: float = 1.0,
@@ -194,20 +193,15 @@ def make_train_step(
         # Optimizer-state reset at phase (or resolution) starts: a pure function of images_seen.
         g_opt_state, d_opt_state = state.g_opt_state, state.d_opt_state
         if reset_opt != "never":
+            start = 0 if resolution == 4 else fade_start(resolution, fade_images, stable_images)
+            boundaries = [start]
+            if reset_opt == "phase" and resolution > 4:
+                boundaries.append(start + fade_images)  # the stable phase's start
+            # True on the first step at or after a boundary (which need not be a batch multiple).
             seen = state.images_seen
-            if reset_opt == "phase":
-                boundaries = [0] if resolution == 4 else []
-                if resolution > 4:
-                    start = fade_start(resolution, fade_images, stable_images)
-                    boundaries = [start, start + fade_images]
-            else:
-                boundaries = [
-                    0 if resolution == 4 else fade_start(resolution, fade_images, stable_images)
-                ]
-            # The first step at or after a boundary (boundaries need not be batch multiples).
             reset = jnp.zeros((), jnp.bool_)
             for boundary in boundaries:
-                reset = reset | ((seen >= boundary) & (seen - global_batch_size < boundary))
+                reset = reset | ((seen >= boundary) & (seen - batch_size < boundary))
             g_opt_state = state_lib.select(reset, g_tx.init(state.g_params), g_opt_state)
             d_opt_state = state_lib.select(reset, d_tx.init(state.d_params), d_opt_state)
 

@@ -131,7 +131,6 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             (g_tx, d_tx),
             fade_images=int(config.schedule.fade_images),
             stable_images=int(config.schedule.stable_images),
-            global_batch_size=batch_size,
             gp_weight=config.loss.gp_weight,
             drift_weight=config.loss.drift_weight,
             cls_weight=config.loss.cls_weight,

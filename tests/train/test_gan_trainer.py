@@ -69,7 +69,6 @@ def test_alpha_is_traced_one_compile_per_resolution():
             r,
             fade_images=64,
             stable_images=32,
-            global_batch_size=8,
         ),
         mesh,
         abstract,
