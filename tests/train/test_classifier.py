@@ -211,3 +211,42 @@ def test_train_classifier_entry_point(shipped_data_dir, tmp_path):
         timeout=300,
     )
     assert bad.returncode != 0 and "config.data.name" in bad.stderr
+
+
+def test_sigterm_saves_the_current_step_and_the_same_command_resumes(shipped_data_dir, tmp_path):
+    import signal
+    import time
+
+    workdir = tmp_path / "wd"
+    command = [
+        sys.executable, "-m", "launch.train_classifier", "--config=configs/classifier.py:tiny",
+        f"--workdir={workdir}", f"--config.data.data_dir={shipped_data_dir}",
+        "--config.train.num_steps=150", "--config.train.checkpoint_every=0",
+        "--config.train.eval_every=0", "--config.train.select=last", "--config.train.log_every=1",
+    ]  # fmt: skip
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 3
+    ):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "preempted (SIGTERM) at step" in output and "re-run the same command" in output
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
+    step = ckpt.latest_step()
+    ckpt.close()
+    assert step is not None and 3 <= step < 150
+    assert not (workdir / "results.json").exists()
+    # The same command resumes from that step (no step is trained twice) and finishes.
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 151)), "steps repeated or skipped across the resume"
+    assert json.loads((workdir / "results.json").read_text())["num_steps"] == 150
