@@ -9,10 +9,12 @@ Presets:
                    (normal / pneumonia rows), linear schedule T = 1000, eps-prediction, Adam
                    2e-4 with 50 warm-up steps, grad clip 1, EMA 0.999 (with warm-up), label
                    dropout 0.1, batch 32, 300 steps, 50-step DDIM grids every 100 steps.
-                   Time: measured 2.98 s per train step (batch 32, fp32, jit) on the shared
-                   2-core CPU under load ~4, plus ~45 s compile and ~9 s per 16-image grid:
-                   ~16 min; a dedicated 2-core CPU should be faster. The loss should fall
-                   from ~1 well below 0.5 (not measured: the full demo has not been run yet);
+                   Time: measured 2.98 s per train step (batch 32, fp32, jit; 0.34 steps/s)
+                   in isolation and 0.38-0.41 steps/s through the full driver, both on the
+                   shared 2-core CPU under load ~4-5, plus ~45-60 s compile and ~9 s per
+                   16-image grid: ~14-16 min; a dedicated 2-core CPU should be faster.
+                   The loss should fall from ~1 well below 0.5 (not measured: the full demo
+                   has not been run yet; a 6-step check went 1.00 -> 0.99);
                    300 steps give class-dependent blurry blobs, not X-rays. Good 32 px samples
                    need tens of thousands of steps on a GPU (`--config.train.num_steps`).
 
