@@ -207,3 +207,34 @@ class Checkpointer:
         # The manager caches its step list; rebuild it so the set-aside step is forgotten.
         self._manager.reload()
         return target
+
+
+def restore_or_init(
+    checkpointer: Checkpointer,
+    abstract: Any,
+    init_fn: Callable[[], Any],
+    data_iterator: grain.DatasetIterator | None,
+    signature: Mapping[str, Any],
+) -> tuple[Any, int]:
+    """(state, start step): the newest readable checkpoint, or `init_fn()` and step 0.
+
+    A checkpoint whose saved run signature (config hash, global batch, dataset, ...) differs
+    from `signature` is refused with a message naming each difference: resuming it would
+    silently continue a different experiment.
+    """
+    restored = checkpointer.restore_latest(abstract, data_iterator=data_iterator)
+    if restored is None:
+        return init_fn(), 0
+    state, meta = restored
+    saved = meta.get("signature", {})
+    different = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+    if different:
+        details = ", ".join(
+            f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items()
+        )
+        raise CheckpointError(
+            f"the checkpoint in {checkpointer.directory} was written by a different setup "
+            f"({details}); use a new --workdir or restore the original config"
+        )
+    logging.info("resumed from step %d in %s", meta["step"], checkpointer.directory)
+    return state, int(meta["step"])

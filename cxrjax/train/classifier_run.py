@@ -27,6 +27,7 @@ from cxrjax.metrics import classification as cls_metrics
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.models import densenet
 from cxrjax.train import loop, optim
+from cxrjax.train import results as results_lib
 from cxrjax.train.classifier import (
     DTYPES,
     class_weights,
@@ -140,25 +141,6 @@ def headline_auc(result: Mapping[str, Any]) -> float:
     return float(result["macro"]["auc"])
 
 
-def _restore_or_init(checkpointer, abstract, init_fn, train_iter, signature):
-    restored = checkpointer.restore_latest(abstract, data_iterator=train_iter)
-    if restored is None:
-        return init_fn(), 0
-    state, meta = restored
-    saved = meta.get("signature", {})
-    different = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
-    if different:
-        details = ", ".join(
-            f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items()
-        )
-        raise checkpoint_lib.CheckpointError(
-            f"the checkpoint in {checkpointer.directory} was written by a different setup "
-            f"({details}); use a new --workdir or restore the original config"
-        )
-    logging.info("resumed from step %d in %s", meta["step"], checkpointer.directory)
-    return state, int(meta["step"])
-
-
 def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
     """Trains, picks the checkpoint on validation, evaluates test once; writes results.json.
 
@@ -257,7 +239,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         best_metric="val/auc" if config.train.eval_every else None,
     )
     abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
-    state, start_step = _restore_or_init(
+    state, start_step = checkpoint_lib.restore_or_init(
         checkpointer,
         abstract_placed,
         lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
@@ -311,9 +293,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                 "history": outcome.history,
             },
         )
-        results["wall_time_s"] = elapsed(start)
+        results["wall_time_s"] = results_lib.elapsed(start)
         if parallel.is_main_process():
-            save_results(results_path, results)
+            results_lib.save_results(results_path, results)
         return results
     finally:
         writer.close()
@@ -349,8 +331,8 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
         "val": val_result,
         "test": test_result,
         "config": config_lib.to_dict(config),
-        "software": software_versions(),
-        "device": device_description(),
+        "software": results_lib.software_versions(),
+        "device": results_lib.device_description(),
         **extra,
     }
     if parallel.is_main_process():
@@ -467,13 +449,13 @@ def evaluate_checkpoint(
             n_bootstrap=0,
         ),
         split: result,
-        "software": software_versions(),
-        "device": device_description(),
+        "software": results_lib.software_versions(),
+        "device": results_lib.device_description(),
     }
     output_dir = output_dir or os.path.join(workdir, f"eval_{split}_step{step}")
     if parallel.is_main_process():
         os.makedirs(output_dir, exist_ok=True)
-        save_results(os.path.join(output_dir, "results.json"), results)
+        results_lib.save_results(os.path.join(output_dir, "results.json"), results)
         if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
             report.save_roc_curves(
                 {split: (out["labels"], out["probs"]), "val": (val["labels"], val["probs"])},
@@ -514,45 +496,3 @@ def write_markdown(
     ]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-
-
-def save_results(path: str, results: Mapping[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def software_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return versions
-
-
-def device_description() -> dict[str, Any]:
-    device = jax.devices()[0]
-    return {
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-    }
-
-
-def elapsed(start: float) -> float:
-    return round(time.perf_counter() - start, 2)

@@ -23,13 +23,7 @@ from cxrjax import parallel, report
 from cxrjax.data import builders, pipeline, sources
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.train import loop, optim
-from cxrjax.train.classifier_run import (
-    _restore_or_init,
-    device_description,
-    elapsed,
-    save_results,
-    software_versions,
-)
+from cxrjax.train import results as results_lib
 from cxrjax.train.diffusion import (
     DTYPES,
     MODELS,
@@ -218,7 +212,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
     )
     abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
-    state, start_step = _restore_or_init(
+    state, start_step = checkpoint_lib.restore_or_init(
         checkpointer,
         abstract_placed,
         lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
@@ -273,12 +267,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             ),
             "history": outcome.history,
             "config": config_lib.to_dict(config),
-            "software": software_versions(),
-            "device": device_description(),
-            "wall_time_s": elapsed(start),
+            "software": results_lib.software_versions(),
+            "device": results_lib.device_description(),
+            "wall_time_s": results_lib.elapsed(start),
         }
         if parallel.is_main_process():
-            save_results(results_path, results)
+            results_lib.save_results(results_path, results)
         return results
     finally:
         writer.close()

@@ -27,13 +27,7 @@ from cxrjax import parallel, report
 from cxrjax.data import builders, pipeline
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.train import gan, loop
-from cxrjax.train.classifier_run import (
-    _restore_or_init,
-    device_description,
-    elapsed,
-    save_results,
-    software_versions,
-)
+from cxrjax.train import results as results_lib
 
 
 def validate(config) -> None:
@@ -161,7 +155,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
     )
-    state, step = _restore_or_init(
+    state, step = checkpoint_lib.restore_or_init(
         checkpointer,
         checkpoint_lib.abstract_like(abstract, replicated),
         lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
@@ -223,12 +217,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             "class_names": list(spec.class_names),
             "history": history,
             "config": config_lib.to_dict(config),
-            "software": software_versions(),
-            "device": device_description(),
-            "wall_time_s": elapsed(start_time),
+            "software": results_lib.software_versions(),
+            "device": results_lib.device_description(),
+            "wall_time_s": results_lib.elapsed(start_time),
         }
         if parallel.is_main_process():
-            save_results(results_path, results)
+            results_lib.save_results(results_path, results)
         return results
     finally:
         writer.close()
