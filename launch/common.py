@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from absl import flags, logging
 
+from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
 from cxrjax import parallel
+from cxrjax.data import builders
+
+# Errors that mean "your input is wrong": one clear line and exit 1, no traceback.
+USER_ERRORS = (
+    config_lib.ConfigError,
+    builders.DatasetError,
+    checkpoint_lib.CheckpointError,
+    FileNotFoundError,
+)
 
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs (jax.distributed)."
@@ -40,3 +55,20 @@ def setup() -> None:
         num_processes=NUM_PROCESSES.value,
         process_id=PROCESS_ID.value,
     )
+
+
+def run_job(
+    job: Callable[[], Mapping[str, Any]], summarize: Callable[[Mapping[str, Any]], Mapping]
+) -> None:
+    """Runs a train/evaluate job: user errors exit 1 with their message; a stopped run says
+    how to resume; a finished one prints a one-line JSON summary."""
+    try:
+        results = job()
+    except USER_ERRORS as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if results.get("finished") is False:
+        print(f"stopped at step {results['step']}; re-run the same command to resume")
+        return
+    print(json.dumps(dict(summarize(results)), default=str))

@@ -9,14 +9,8 @@ Writes results.json (metrics with bootstrap CIs), results.md and roc.png to --ou
 
 from __future__ import annotations
 
-import json
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from cxrjax import checkpoint as checkpoint_lib
-from cxrjax import config as config_lib
-from cxrjax.data import builders
 from cxrjax.train import classifier_run
 from launch import common
 
@@ -29,22 +23,16 @@ OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
 def main(argv):
     del argv
     common.setup()
-    try:
-        results = classifier_run.evaluate_checkpoint(
+    common.run_job(
+        lambda: classifier_run.evaluate_checkpoint(
             WORKDIR.value, SPLIT.value, step=STEP.value, output_dir=OUTPUT.value
-        )
-    except (
-        config_lib.ConfigError,
-        builders.DatasetError,
-        checkpoint_lib.CheckpointError,
-        FileNotFoundError,
-    ) as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    split = results[SPLIT.value]
-    headline = {k: split.get(k) for k in ("auc", "accuracy", "f1") if k in split}
-    print(json.dumps({"step": results["step"], "split": SPLIT.value, **headline}))
+        ),
+        lambda results: {
+            "step": results["step"],
+            "split": SPLIT.value,
+            **{k: results[SPLIT.value].get(k) for k in ("auc", "accuracy", "f1")},
+        },
+    )
 
 
 if __name__ == "__main__":

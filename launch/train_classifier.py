@@ -10,15 +10,9 @@ on the same workdir resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import json
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cxrjax import checkpoint as checkpoint_lib
-from cxrjax import config as config_lib
-from cxrjax.data import builders
 from cxrjax.train import classifier_run
 from launch import common
 
@@ -30,22 +24,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     common.setup()
-    try:
-        results = classifier_run.train_and_evaluate(CONFIG.value, WORKDIR.value)
-    except (
-        config_lib.ConfigError,
-        builders.DatasetError,
-        checkpoint_lib.CheckpointError,
-        FileNotFoundError,
-    ) as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    if results.get("finished") is False:
-        print(f"stopped at step {results['step']}; re-run the same command to resume")
-        return
-    summary = {k: results["test"].get(k) for k in ("auc", "accuracy", "f1")}
-    print(json.dumps({"workdir": WORKDIR.value, "test": summary}, indent=None))
+    common.run_job(
+        lambda: classifier_run.train_and_evaluate(CONFIG.value, WORKDIR.value),
+        lambda results: {
+            "workdir": WORKDIR.value,
+            "test": {k: results["test"].get(k) for k in ("auc", "accuracy", "f1")},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -10,15 +10,9 @@ workdir resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import json
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cxrjax import checkpoint as checkpoint_lib
-from cxrjax import config as config_lib
-from cxrjax.data import builders
 from cxrjax.train import diffusion_run
 from launch import common
 
@@ -30,28 +24,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     common.setup()
-    try:
-        results = diffusion_run.train_and_evaluate(CONFIG.value, WORKDIR.value)
-    except (
-        config_lib.ConfigError,
-        builders.DatasetError,
-        checkpoint_lib.CheckpointError,
-        ValueError,
-        FileNotFoundError,
-    ) as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    if results.get("finished") is False:
-        print(f"stopped at step {results['step']}; re-run the same command to resume")
-        return
-    summary = {
-        "workdir": WORKDIR.value,
-        "final_loss": results["final_loss"],
-        "samples": results["samples"][-1:],
-        "wall_time_s": results["wall_time_s"],
-    }
-    print(json.dumps(summary))
+    common.run_job(
+        lambda: diffusion_run.train_and_evaluate(CONFIG.value, WORKDIR.value),
+        lambda results: {
+            "workdir": WORKDIR.value,
+            "final_loss": results["final_loss"],
+            "samples": results["samples"][-1:],
+            "wall_time_s": results["wall_time_s"],
+        },
+    )
 
 
 if __name__ == "__main__":
