@@ -12,6 +12,7 @@ PNG bytes in an object `Tensor` and decoded by the pipeline with `imageio.decode
 
 from __future__ import annotations
 
+import abc
 import collections
 import concurrent.futures
 import dataclasses
@@ -174,8 +175,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     # --- Subclass hooks -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def class_names(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """Label names in label-index order."""
 
     def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
         return {}
@@ -183,8 +185,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _static_metadata(self) -> dict[str, Any]:
         return {}
 
+    @abc.abstractmethod
     def _split_examples(self, dl_manager) -> dict[str, Iterable[Example]]:
-        raise NotImplementedError
+        """Split name -> (key, example) generator, streaming one image at a time."""
 
     # --- TFDS hooks -----------------------------------------------------------------------
 
