@@ -20,7 +20,7 @@ Presets:
                    (`--config.train.num_steps`) are the first thing to try.
 
 Writes to the workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/ (state + data
-iterator), samples/step_XXXXXX.png (EMA params, DDIM, fixed noise, one row per class) and at
+iterator), samples/step_<NNNNNN>.png (EMA params, DDIM, fixed noise, one row per class) and at
 the end results.json (losses, steps, wall time). Re-running the same command resumes.
 Every field can be overridden: `--config.train.num_steps=5000 --config.sample.guidance_scale=2`.
 """

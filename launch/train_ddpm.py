@@ -4,7 +4,7 @@ r"""Trains a (class-conditional) DDPM and writes EMA sample grids.
       [--config.train.num_steps=5000 ...]
 
 Writes to the workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/,
-samples/step_XXXXXX.png and at the end results.json. Re-running the same command on the same
+samples/step_<NNNNNN>.png and at the end results.json. Re-running the same command on the same
 workdir resumes from the last checkpoint.
 """
 
