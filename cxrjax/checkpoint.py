@@ -7,15 +7,22 @@ behave the same for the classifier, PGGAN, DDPM and the anomaly encoder:
   file per process) and `meta` (a small JSON: step, run signature, anything JSON-able);
 * retention: the newest `keep` steps plus the best by a validation metric, never deleting the
   newest (Orbax's best-only policy would);
-* saves are asynchronous and atomic (Orbax commits by rename); `wait()` before exit;
+* saves are asynchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp*` and commits
+  by renaming it): a process killed mid-save leaves only that temporary folder, which the next
+  start logs and removes, resuming from the last committed step; `wait()` before exit;
+* a save that fails (now or in the background) raises CheckpointError naming the step, so a
+  run never ends with exit 0 and a lost checkpoint;
 * restore builds its target with `jax.eval_shape`, placed on the current mesh, so a checkpoint
-  written by N processes restores on M; an unreadable newest step is set aside (renamed,
-  never deleted) and the previous one restored.
+  written by N processes restores on M, data-iterator position included (the pipeline's state
+  is process-count independent, see `_restore_iterator`); an unreadable newest step is set
+  aside (renamed, never deleted) and the previous one restored.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,13 +31,18 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 STATE, DATA, META = "state", "data", "meta"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be used (names the step and the reason)."""
+    """A checkpoint that exists but cannot be used, or cannot be written (names the step)."""
+
+
+# Orbax's name for a step folder still being written (renamed to "<step>" on commit).
+_UNCOMMITTED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | Callable[[Any], Any]) -> Any:
@@ -56,6 +68,9 @@ class Checkpointer:
         self.directory = epath.Path(directory).absolute()
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self._pending_step: int | None = None  # the newest step handed to an async save
+        self._failed = False  # a save error was raised already (close() must not re-raise)
+        self._log_uncommitted()
         policies: list[Any] = [checkpoint_managers.LatestN(n=max(1, keep))]
         if best_metric:
             policies.append(
@@ -85,6 +100,20 @@ class Checkpointer:
                 META: ocp.JsonCheckpointHandler(),
             },
         )
+
+    def _log_uncommitted(self) -> None:
+        """Names the saves a killed process left half-written (Orbax removes them on start)."""
+        if jax.process_index() != 0 or not self.directory.exists():
+            return
+        for path in sorted(self.directory.iterdir()):
+            match = _UNCOMMITTED.match(path.name)
+            if match:
+                logging.warning(
+                    "ignoring the uncommitted checkpoint of step %s (%s): its save was "
+                    "interrupted; resuming from the last committed step",
+                    match.group(1),
+                    path,
+                )
 
     # -- queries ---------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -130,22 +159,56 @@ class Checkpointer:
         }
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        saved = self._manager.save(
-            int(step),
-            args=ocp.args.Composite(**items),
-            metrics=dict(metrics) if metrics else None,
-            force=force,
-        )
+        previous = self._pending_step
+        self._pending_step = int(step)
+        try:
+            saved = self._manager.save(
+                int(step),
+                args=ocp.args.Composite(**items),
+                metrics=dict(metrics) if metrics else None,
+                force=force,
+            )
+        except Exception as error:
+            # Orbax first waits for the previous async save, so its failure surfaces here.
+            raise self._save_error(error, f"step {previous} or {step}") from error
         return bool(saved)
 
     def wait(self) -> None:
-        """Blocks until pending async saves are committed; raises if one failed."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Blocks until pending async saves are committed; raises CheckpointError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as error:
+            raise self._save_error(error, f"step {self._pending_step}") from error
+
+    def _save_error(self, error: Exception, which: str) -> CheckpointError:
+        self._failed = True
+        return CheckpointError(
+            f"saving the checkpoint of {which} in {self.directory} failed "
+            f"({type(error).__name__}: {error}); the newest committed step is "
+            f"{self._committed_step()}. Free space / fix the directory and re-run the same "
+            "command to resume from there."
+        )
+
+    def _committed_step(self) -> int | None:
+        steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
+        return max(steps, default=None)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases the manager. A failed save raises
+        CheckpointError, unless it was raised already (close() runs in `finally` blocks)."""
+        already_failed = self._failed
+        try:
+            self.wait()
+        except CheckpointError:
+            if not already_failed:
+                raise
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - the failure was reported by wait()
+                if not self._failed:
+                    raise
 
     # -- restore ---------------------------------------------------------------------------
     def restore(
@@ -157,13 +220,21 @@ class Checkpointer:
     ) -> tuple[Any, dict]:
         """Restores `step` into the shapes/shardings of `abstract_state` (and the iterator)."""
         items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+        data_dir = self.directory / str(step) / DATA
+        translate = False
         if data_iterator is not None:
-            if not (self.directory / str(step) / DATA).exists():
+            if not data_dir.exists():
                 raise CheckpointError(
                     f"step {step} in {self.directory} has no data-iterator state to resume from"
                 )
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            if own.exists():
+                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                translate = True  # written by another process count
         restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
+        if translate:
+            _restore_iterator(step, data_dir, data_iterator)
         return restored[STATE], dict(restored[META] or {})
 
     def restore_latest(
@@ -204,9 +275,39 @@ class Checkpointer:
             target = self.directory / f"corrupt-{step}-{suffix}"
         if jax.process_index() == 0:
             source.rename(target)
+        if jax.process_count() > 1:
+            # Every process must see the rename before it reloads the step list.
+            multihost_utils.sync_global_devices(f"cxrjax-set-aside-{step}")
         # The manager caches its step list; rebuild it so the set-aside step is forgotten.
         self._manager.reload()
         return target
+
+
+def _restore_iterator(step: int, data_dir: epath.Path, iterator: grain.DatasetIterator) -> None:
+    """Resumes `iterator` from a step saved by a different number of processes.
+
+    cxrjax pipelines batch before `to_iter_dataset`, and every process reads its rows of the
+    same global batches, so the iterator state (the next global batch) is the same on every
+    process and any process count can take it over. States that differ between the saving
+    processes (some other pipeline) are refused rather than guessed.
+    """
+    files = sorted(data_dir.glob("process_*-of-*.json"))
+    texts = {path.read_text() for path in files}
+    if len(texts) != 1:
+        raise CheckpointError(
+            f"step {step}'s data-iterator state ({len(files)} files in {data_dir}) is not "
+            f"shared by its processes, so {jax.process_count()} process(es) cannot take it "
+            "over; resume with the process count that wrote it"
+        )
+    iterator.set_state(json.loads(texts.pop()))
+    if hasattr(iterator, "start_prefetch"):
+        iterator.start_prefetch()
+    logging.info(
+        "step %d was saved by %d process(es); its data position carries over to %d",
+        step,
+        len(files),
+        jax.process_count(),
+    )
 
 
 def restore_or_init(

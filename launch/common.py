@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import os
 import sys
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,14 +15,21 @@ from absl import flags, logging
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import parallel
-from cxrjax.data import builders
+from cxrjax.data import builders, imageio
+from cxrjax.train import loop
 
-# Errors that mean "your input is wrong": one clear line and exit 1, no traceback.
+# Errors that mean "your input is wrong" or "the run cannot go on" (an unwritable workdir, a
+# failed checkpoint save, NaN under train.nonfinite=abort, an unreadable training record, too
+# many masked records): one clear line and exit 1, no traceback. The message names the field,
+# path, step or record.
 USER_ERRORS = (
     config_lib.ConfigError,
     builders.DatasetError,
     checkpoint_lib.CheckpointError,
     FileNotFoundError,
+    loop.NonFiniteError,
+    loop.BadRecordsError,
+    imageio.CorruptImageError,
 )
 
 COORDINATOR = flags.DEFINE_string(
@@ -57,12 +66,46 @@ def setup() -> None:
     )
 
 
+def output_directory() -> tuple[str, str] | None:
+    """(flag, directory) a job writes to: --output when given, else --workdir (if defined)."""
+    for name in ("output", "workdir"):
+        if name in flags.FLAGS and flags.FLAGS[name].value:
+            return name, flags.FLAGS[name].value
+    return None
+
+
+def check_writable(directory: str, flag: str = "workdir") -> None:
+    """Creates `directory` and writes/removes a probe file; ConfigError naming the flag if not.
+
+    Runs on every process before any data read or compile, so a typo'd or read-only workdir
+    fails in a second instead of after the first checkpoint interval.
+    """
+    directory = os.path.abspath(os.path.expanduser(directory))
+    probe = os.path.join(directory, f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise config_lib.ConfigError(
+            f"--{flag}={directory} is not a writable directory ({error.strerror or error}); "
+            "choose another path"
+        ) from error
+
+
 def run_job(
     job: Callable[[], Mapping[str, Any]], summarize: Callable[[Mapping[str, Any]], Mapping]
 ) -> None:
     """Runs a train/evaluate job: user errors exit 1 with their message; a stopped run says
-    how to resume; a finished one prints a one-line JSON summary."""
+    how to resume; a finished one prints a one-line JSON summary.
+
+    The directory the job writes (--output, else --workdir) is checked writable first.
+    """
     try:
+        target = output_directory()
+        if target is not None:
+            check_writable(target[1], flag=target[0])
         results = job()
     except USER_ERRORS as error:
         logging.error("%s", error)

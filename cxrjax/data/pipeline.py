@@ -24,13 +24,22 @@ from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
-from cxrjax.data import mixing, sources, transforms
+from cxrjax.data import imageio, mixing, sources, transforms
 
 TRAIN_KEYS = ("image", "label", "index", "source", "is_synthetic")
 EVAL_KEYS = (*TRAIN_KEYS, "mask", "id")
 HOST_ONLY_KEYS = ("id",)  # str arrays: keep on the host to match predictions to records.
+
+# What a training pipeline does with a record whose image cannot be decoded (a truncated PNG):
+# "error" stops with CorruptImageError naming the record; "mask" logs it, puts the next readable
+# record of the stream in its place with `mask` False (a masked loss ignores it, a step that
+# ignores the mask sees a real image) and lets the loop count it (see loop.run's
+# max_bad_fraction). Batches carry `mask` only under "mask".
+BAD_RECORD_POLICIES = ("error", "mask")
+# A "mask" pipeline looks this far ahead in the stream for a readable substitute.
+_MAX_SUBSTITUTE_DISTANCE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +202,54 @@ class BalancedEpochs(grain.MapDataset):
         return f"BalancedEpochs(per_class={self._per_class}, classes={self._num_classes})"
 
 
+class DecodeOrMask(grain.MapDataset):
+    """Decodes `image`; an unreadable record is replaced by the next readable one, masked.
+
+    The substitute is the record at the next position of the same (shuffled) stream, so the
+    result depends only on the position: batches stay identical for any process or worker
+    count, and a resumed run sees the same substitutes.
+    """
+
+    def __init__(self, parent: grain.MapDataset):
+        super().__init__(parent)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def _decoded(self, index: int) -> dict:
+        record = dict(self._parent[index % len(self._parent)])
+        name = transforms.record_name(record)
+        record["image"] = imageio.decode_gray(record["image"], name=name)
+        return record
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        index = int(index)
+        try:
+            record = self._decoded(index)
+            record["mask"] = np.bool_(True)
+            return record
+        except imageio.CorruptImageError as error:
+            logging.warning("masking unreadable training record at stream position %d: %s",
+                            index, error)  # fmt: skip
+            first_error = error
+        for offset in range(1, _MAX_SUBSTITUTE_DISTANCE + 1):
+            try:
+                record = self._decoded(index + offset)
+            except imageio.CorruptImageError:
+                continue
+            record["mask"] = np.bool_(False)
+            return record
+        raise imageio.CorruptImageError(
+            f"{first_error} and the next {_MAX_SUBSTITUTE_DISTANCE} records of the stream are "
+            "unreadable too; the dataset looks broken"
+        )
+
+    def __str__(self) -> str:
+        return "DecodeOrMask()"
+
+
 def _resolution(resolution: int | None, spec: sources.DatasetSpec) -> int:
     resolution = spec.resolution if resolution is None else resolution
     if resolution is None or resolution <= 0:
@@ -237,6 +294,7 @@ def make_train_dataset(
     num_epochs: int | None = None,
     num_workers: int = 0,
     num_threads: int = 2,
+    bad_records: str = "error",
     process_index: int | None = None,
     process_count: int | None = None,
     device_count: int | None = None,
@@ -252,7 +310,12 @@ def make_train_dataset(
     batches run across epoch boundaries, so only the very last partial batch is dropped.
     Process p gets rows [p * B/P, (p + 1) * B/P) of every global batch of B: the run is the
     same for any process count at the same global batch.
+    `bad_records`: "error" (an unreadable image stops the run, naming the record) or "mask"
+    (it is logged and replaced by the next readable record with `mask` False; batches then
+    carry a bool `mask` field). See BAD_RECORD_POLICIES.
     """
+    if bad_records not in BAD_RECORD_POLICIES:
+        raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got {bad_records!r}")
     topology = resolve_topology(process_index, process_count, device_count)
     batch_size = local_batch_size(global_batch_size, topology)
     resolution = _resolution(resolution, spec)
@@ -281,13 +344,18 @@ def make_train_dataset(
             f"{len(ds)} records over {num_epochs} epochs make no batch of {global_batch_size}"
         )
 
-    ds = ds.map(transforms.DecodeImage()).map(transforms.ResizeImage(resolution))
+    if bad_records == "mask":
+        ds = DecodeOrMask(ds)
+    else:
+        ds = ds.map(transforms.DecodeImage())
+    ds = ds.map(transforms.ResizeImage(resolution))
     if augment.enabled:
         # The rng is keyed by (seed, position in the repeated stream) = (seed, epoch, index).
         ds = ds.random_map(transforms.RandomAugment(augment), seed=derive_seed(seed, 2))
     ds = ds.map(transforms.ToFloat(normalization))
     ds = ds.map(transforms.CastLabel(spec.label_kind, spec.num_classes))
-    ds = ds.map(transforms.SelectFields(TRAIN_KEYS))
+    keys = (*TRAIN_KEYS, "mask") if bad_records == "mask" else TRAIN_KEYS
+    ds = ds.map(transforms.SelectFields(keys))
     ds = ProcessSlice(
         ds,
         global_batch=global_batch_size,

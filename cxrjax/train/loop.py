@@ -4,7 +4,18 @@ A trainer supplies a compiled `train_step(state, batch, rng) -> (state, metrics)
 iterator of process-local batches and a `Checkpointer`; this loop owns everything that must
 behave identically across trainers: the per-step key `fold_in(rng, step)`, host -> global
 batch assembly, metric fetches only at log steps, periodic and final saves of (state, data
-iterator), non-finite detection, and SIGTERM/SIGINT handling (save, wait, exit cleanly).
+iterator), non-finite detection, counting of masked (unreadable) input records, and
+SIGTERM/SIGINT handling (save, wait, exit cleanly).
+
+Guarantees every trainer gets from here:
+* a checkpoint never holds a non-finite state: each save first checks every float leaf
+  (one small jitted reduction) and refuses, naming the leaf and step;
+* `nonfinite="abort"` checks the step's metrics after every step (one small host fetch per
+  step), so the error names the exact step and metric; "skip" counts skipped updates (the
+  steps skip them in-graph) and reports them at log steps;
+* a failed save raises (with the step) instead of letting the run end 0 without a checkpoint;
+* batches with a `mask` field (pipeline `bad_records="mask"`) have their masked rows counted
+  over all processes at log steps; above `max_bad_fraction` of the examples seen, the run stops.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -31,6 +43,10 @@ DEVICE_KEYS = ("image", "label", "mask", "index", "latent", "weight")
 
 class NonFiniteError(FloatingPointError):
     """Raised (abort policy) when a loss or gradient is NaN/Inf; names step and metric."""
+
+
+class BadRecordsError(RuntimeError):
+    """Too many unreadable input records were masked; names the counts and the threshold."""
 
 
 class PreemptionGuard:
@@ -80,13 +96,86 @@ def device_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str,
     return parallel.host_to_global({k: v for k, v in batch.items() if k in DEVICE_KEYS}, mesh)
 
 
-def _check_finite(step: int, scalars: Mapping[str, float]) -> None:
-    for name, value in scalars.items():
-        if isinstance(value, float) and not math.isfinite(value):
+def _check_finite(step: int, scalars: Mapping[str, float], skipped_before: float | None) -> None:
+    """Raises NonFiniteError naming the step and every non-finite metric.
+
+    A step that skipped its update in-graph reports it by raising `*/nonfinite_steps`; that
+    counts too, even when the logged loss itself is finite (a NaN gradient).
+    """
+    bad = [k for k, v in scalars.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        counter = next((k for k in scalars if k.endswith("/nonfinite_steps")), None)
+        if counter is None or skipped_before is None or scalars[counter] <= skipped_before:
+            return
+        bad = [counter]
+    named = ", ".join(f"{name}={scalars[name]}" for name in bad)
+    raise NonFiniteError(
+        f"non-finite {named} at step {step}; the update was not applied and no "
+        "checkpoint holds it. Lower the learning rate, enable grad clipping, or set "
+        "train.nonfinite='skip'."
+    )
+
+
+@jax.jit
+def _finite_leaves(tree: Any) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+
+
+def check_state_finite(state: Any, step: int) -> None:
+    """Raises NonFiniteError naming the first float leaf of `state` holding a NaN/Inf."""
+    paths, leaves = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            paths.append(jax.tree_util.keystr(path))
+            leaves.append(leaf)
+    if not leaves:
+        return
+    for path, finite in zip(paths, jax.device_get(_finite_leaves(leaves)), strict=True):
+        if not finite:
             raise NonFiniteError(
-                f"non-finite {name}={value} at step {step}; no checkpoint was written with it. "
-                "Lower the learning rate, enable grad clipping, or set train.nonfinite='skip'."
+                f"the train state has non-finite values in {path} at step {step}; it was not "
+                "checkpointed (the previous checkpoint is intact). Lower the learning rate or "
+                "enable grad clipping."
             )
+
+
+class _BadRecordCounter:
+    """Counts masked (unreadable, substituted) rows of the training batches, all processes."""
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction = max_fraction
+        self.local_bad = 0
+        self.local_seen = 0
+        self.active = False
+
+    def add(self, batch: Mapping[str, Any]) -> None:
+        if "mask" in batch:
+            self.active = True
+            mask = np.asarray(batch["mask"], bool)
+            self.local_bad += int(mask.size - mask.sum())
+            self.local_seen += int(mask.size)
+
+    def check(self, step: int) -> dict[str, float]:
+        """Global counts as metrics; raises BadRecordsError above the allowed fraction.
+
+        Every process holds a mask (same pipeline), so the gather is a collective they all
+        reach at the same log step.
+        """
+        if not self.active:
+            return {}
+        counts = np.asarray([self.local_bad, self.local_seen], np.int64)
+        if jax.process_count() > 1:
+            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+        bad, seen = int(counts[0]), int(counts[1])
+        # Judged once enough examples are in for the fraction to mean something.
+        if seen >= 1.0 / max(self.max_fraction, 1e-12) and bad > self.max_fraction * seen:
+            raise BadRecordsError(
+                f"{bad} of the {seen} training examples read so far (by step {step}) were "
+                f"unreadable and masked, above the allowed fraction {self.max_fraction}; the "
+                "warnings above name them. Rebuild the dataset (prepare_data --skip_corrupt) or "
+                "raise the allowed fraction."
+            )
+        return {"data/bad_records": float(bad), "data/bad_fraction": bad / max(seen, 1)}
 
 
 def run(
@@ -110,11 +199,16 @@ def run(
     nonfinite: str = "skip",
     label: str = "train",
     stop_at: int | None = None,
+    max_bad_fraction: float = 0.01,
 ) -> LoopResult:
     """Runs steps `start_step+1 .. num_steps` (or until `stop_at`), saving on the way.
 
     Checkpoint step numbers count completed optimizer steps. `stop_at` ends the loop early
     with a checkpoint, exactly as a preemption would (used by resume tests and schedulers).
+    `max_bad_fraction`: the share of masked (unreadable) input records, over the examples this
+    session has read, above which the run stops with BadRecordsError (checked at log steps).
+    Raises NonFiniteError (see the module docstring), BadRecordsError, or
+    checkpoint.CheckpointError when a save fails.
     """
     if nonfinite not in ("skip", "abort"):
         raise ValueError(f"nonfinite must be 'skip' or 'abort', got {nonfinite!r}")
@@ -125,11 +219,14 @@ def run(
     last_eval_step = -1
     end = num_steps if stop_at is None else min(num_steps, stop_at)
     step = start_step
+    bad_records = _BadRecordCounter(max_bad_fraction)
+    skipped_before: float | None = None  # `*/nonfinite_steps` after the previous fetch
 
     def save(step: int) -> None:
         nonlocal last_saved
         if checkpointer is None or step == last_saved:
             return
+        check_state_finite(state, step)
         metrics = None
         if best_metric and last_eval_step == step and best_metric in last_eval:
             # Only a checkpoint evaluated at its own step competes for "best".
@@ -139,7 +236,9 @@ def run(
 
     with PreemptionGuard() as guard:
         while step < end:
-            batch = device_batch(next(batches), mesh)
+            host_batch = next(batches)
+            bad_records.add(host_batch)
+            batch = device_batch(host_batch, mesh)
             step_rng = jax.random.fold_in(rng, step)
             state, metrics = train_step(state, batch, step_rng)
             step += 1
@@ -148,10 +247,16 @@ def run(
             is_eval = (
                 bool(eval_fn) and eval_every > 0 and (step % eval_every == 0 or step == num_steps)
             )
-            if is_log or is_eval:
+            if is_log or is_eval or nonfinite == "abort":
+                # "abort" looks at every step, so the error names the step where it happened
+                # (and no periodic save runs after it).
                 scalars = {f"{label}/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                 if nonfinite == "abort":
-                    _check_finite(step, scalars)
+                    _check_finite(step, scalars, skipped_before)
+                skipped_before = scalars.get(f"{label}/nonfinite_steps", skipped_before)
+            if is_log or is_eval:
+                if is_log:
+                    scalars.update(bad_records.check(step))
                 scalars.update(progress.update(step, scalars))
                 if is_eval:
                     last_eval, last_eval_step = dict(eval_fn(state, step)), step
