@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
             labels="",
             resolution=32,
             train_split="train",
+            # "" trains on every class; a class name (e.g. "normal") restricts training to it,
+            # as a diffusion anomaly detector (cxrjax.anomaly, method "ddpm") wants.
+            only_class="",
             num_workers=0,
             skip_corrupt=False,
             # Generators learn the data as is: no geometric augmentation by default.

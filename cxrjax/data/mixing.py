@@ -74,6 +74,20 @@ def _members(labels: np.ndarray, class_index: int) -> np.ndarray:
     return np.flatnonzero(labels[:, class_index] > 0.5)
 
 
+def class_indices(labels: np.ndarray, class_name: str, class_names: Sequence[str]) -> np.ndarray:
+    """Sorted indices of the records of one class, e.g. the normals of an anomaly detector.
+
+    Multi-class: label == index of `class_name`. Multi-label: records with that finding, or,
+    for "No Finding" (not a label column, see builders.common.NO_FINDING), the all-zero rows.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and class_name == "No Finding" and class_name not in class_names:
+        return np.flatnonzero(labels.sum(axis=1) == 0)
+    if class_name not in class_names:
+        raise ValueError(f"unknown class {class_name!r}; class names: {list(class_names)}")
+    return _members(labels, list(class_names).index(class_name))
+
+
 def scarce_indices(
     labels: np.ndarray,
     keep: Mapping[str | int, float],

@@ -20,7 +20,7 @@ from absl import logging
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import parallel, report
-from cxrjax.data import builders, pipeline, sources
+from cxrjax.data import builders, mixing, pipeline, sources
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.train import loop, optim
 from cxrjax.train import results as results_lib
@@ -105,10 +105,24 @@ def _dataset_options(data) -> dict[str, Any]:
 
 
 def load_train_split(data):
-    """Prepares (idempotently) and opens the training split of the configured dataset."""
+    """Prepares (idempotently) and opens the training split of the configured dataset.
+
+    With `data.only_class` set, the source holds only that class's records (a mixing.Part).
+    """
     options = _dataset_options(data)
     builders.prepare(data.name, **options)
-    return builders.load(data.name, data.train_split, **options)
+    source, spec = builders.load(data.name, data.train_split, **options)
+    only_class = data.get("only_class", "")
+    if only_class:
+        if only_class not in spec.class_names:
+            raise config_lib.ConfigError(
+                f"config.data.only_class: {only_class!r} is not a class of {spec.name} "
+                f"{list(spec.class_names)}"
+            )
+        labels = mixing.read_labels(source)
+        indices = mixing.class_indices(labels, only_class, spec.class_names)
+        source = mixing.Part(source, name=only_class, indices=indices)
+    return source, spec
 
 
 def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -202,10 +216,18 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     signature = {
         "config_hash": config_lib.config_hash(
             config,
-            ignore=("train.log_every", "data.num_workers", "train.sample_every", "sample"),
+            # only_class enters through "dataset" when set, so older checkpoints still resume.
+            ignore=(
+                "train.log_every",
+                "data.num_workers",
+                "train.sample_every",
+                "sample",
+                "data.only_class",
+            ),
         ),
         "global_batch_size": int(config.train.global_batch_size),
-        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}",
+        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
+        + (f":only={config.data.only_class}" if config.data.get("only_class") else ""),
         "train_records": len(train_source),
     }
     checkpointer = checkpoint_lib.Checkpointer(

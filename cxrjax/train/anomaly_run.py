@@ -1,0 +1,359 @@
+"""Anomaly runs: train the f-AnoGAN encoder (shared loop, exact resume), then evaluate.
+
+method "fanogan": restores the PGGAN run in `config.generator_workdir` (EMA G + D, latest
+checkpoint), trains the encoder on the normal training images only (`data.normal_class`) through
+`loop.run` with Orbax checkpoints of (encoder state, Grain iterator, run signature), then scores
+validation and test with `cxrjax.anomaly.evaluate`. method "ddpm": restores the DDPM run and
+only evaluates. Everything lands in the workdir; a finished workdir returns its results.json.
+
+Every config error (unknown method, missing or wrong generator workdir, a normal class the
+dataset or the conditional generator does not have) is raised before any compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from cxrjax import anomaly, parallel
+from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
+from cxrjax.data import builders, mixing, pipeline
+from cxrjax.metrics import writer as writer_lib
+from cxrjax.models import encoder as encoder_lib
+from cxrjax.train import anomaly as anomaly_train
+from cxrjax.train import loop, optim
+from cxrjax.train import results as results_lib
+
+GENERATOR_KIND = {"fanogan": "pggan", "ddpm": "ddpm"}
+TRAIN_COMMAND = {
+    "pggan": "python -m launch.train_pggan --config=configs/pggan.py:pneumonia_mnist --workdir=DIR",
+    "ddpm": "python -m launch.train_ddpm --config=configs/ddpm.py:pneumonia_mnist --workdir=DIR",
+}
+
+
+def validate(config) -> None:
+    """Every field the run relies on, checked before any file, data read or compile."""
+    check = config_lib.check
+    config_lib.check_choice(config, "method", anomaly.METHODS)
+    check(
+        isinstance(config.generator_workdir, str) and bool(config.generator_workdir),
+        "generator_workdir",
+        "is required: the PGGAN run (method fanogan) or DDPM run (method ddpm) to use",
+    )
+    check(
+        isinstance(config.data.normal_class, str) and bool(config.data.normal_class),
+        "data.normal_class",
+        "must name the normal class (every other class counts as abnormal)",
+    )
+    config_lib.check_choice(config, "encoder.output", encoder_lib.OUTPUTS)
+    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
+    config_lib.check_choice(config, "ddpm.metric", anomaly.METRICS)
+    for field in (
+        "encoder.base_features",
+        "encoder.max_features",
+        "train.global_batch_size",
+        "train.num_steps",
+        "train.log_every",
+        "eval.batch_size",
+        "ddpm.t_star",
+        "ddpm.steps",
+    ):
+        config_lib.check_positive(config, field)
+    for field in (
+        "train.checkpoint_every",
+        "data.num_workers",
+        "eval.bootstrap",
+        "eval.num_examples",
+        "fanogan.kappa",
+        "ddpm.guidance",
+    ):
+        config_lib.check_positive(config, field, allow_zero=True)
+    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
+    check(
+        config.ddpm.steps <= config.ddpm.t_star + 1,
+        "ddpm.steps",
+        f"must be <= ddpm.t_star + 1 = {config.ddpm.t_star + 1}",
+    )
+    try:
+        optim.validate(config.optim)
+    except ValueError as error:
+        raise config_lib.ConfigError(f"config.{error}") from None
+
+
+def check_generator(config):
+    """The generator run's config, after checking the workdir exists and fits the method."""
+    kind = GENERATOR_KIND[config.method]
+    workdir = os.path.abspath(os.path.expanduser(config.generator_workdir))
+    hint = f"train one first: {TRAIN_COMMAND[kind]}"
+    if not os.path.isdir(workdir):
+        raise config_lib.ConfigError(
+            f"config.generator_workdir: {workdir} does not exist; method {config.method!r} "
+            f"needs a trained {kind} run ({hint})"
+        )
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise config_lib.ConfigError(
+            f"config.generator_workdir: {workdir} has no config.json, so it is not a {kind} "
+            f"run directory ({hint})"
+        )
+    run_config = anomaly.read_run_config(workdir)
+    found = anomaly.run_kind(run_config)
+    if found != kind:
+        raise config_lib.ConfigError(
+            f"config.generator_workdir: {workdir} holds a {found} run but method "
+            f"{config.method!r} needs a {kind} run"
+        )
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+        raise config_lib.ConfigError(
+            f"config.generator_workdir: {workdir} has no checkpoint yet ({hint})"
+        )
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+        logging.warning(
+            "%s has no results.json: its training did not finish; using its latest checkpoint",
+            workdir,
+        )
+    return run_config
+
+
+def data_options(config, run_config) -> tuple[str, dict[str, Any]]:
+    """(dataset name, builder options): the generator run's dataset unless the config says
+    otherwise, prepared at the resolution the generator's records were prepared at."""
+    mine, theirs = config.data, run_config.data
+    same = not mine.name or mine.name == theirs.name
+    name = mine.name or theirs.name
+    if same and "source_resolution" in theirs:  # PGGAN: records at source_resolution
+        resolution = theirs.source_resolution or None
+    elif same:
+        resolution = theirs.resolution
+    else:
+        resolution = run_config.data.resolution
+    options = {
+        "data_dir": mine.data_dir or theirs.get("data_dir") or None,
+        "manual_dir": mine.manual_dir or (theirs.get("manual_dir") if same else None) or None,
+        "resolution": resolution,
+        "skip_corrupt": mine.skip_corrupt,
+    }
+    labels = mine.labels or (theirs.get("labels") if same else "")
+    if labels:
+        options["labels"] = labels
+    return name, options
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains the encoder (f-AnoGAN) and evaluates on val/test; writes everything to workdir.
+
+    Re-running on the same workdir resumes training exactly, or returns the saved results of a
+    finished run. `stop_at` stops training after that step with a checkpoint.
+    """
+    start = time.perf_counter()
+    validate(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    saved = anomaly.load_results(workdir)
+    if saved is not None:
+        logging.info("%s/results.json exists: this configuration is finished", workdir)
+        return saved
+    run_config = check_generator(config)
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(int(config.eval.batch_size), mesh, "eval batch")
+    if config.method == "fanogan":
+        parallel.check_global_batch(int(config.train.global_batch_size), mesh)
+
+    name, options = data_options(config, run_config)
+    builders.prepare(name, **options)
+    splits, spec = {}, None
+    for role in ("train", "val", "test"):
+        splits[role], spec = builders.load(name, config.data[f"{role}_split"], **options)
+    normal_class = config.data.normal_class
+    anomaly.check_normal_class(spec, normal_class)
+    run = anomaly.load_generator_run(config.generator_workdir, GENERATOR_KIND[config.method], mesh)
+    generator = run.modules["generator" if run.kind == "pggan" else "model"]
+    normal_label = anomaly.class_label(
+        normal_class, run.spec.class_names, generator.num_classes > 0
+    )
+    if parallel.is_main_process():
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+
+    extra: dict[str, Any] = {}
+    if config.method == "fanogan":
+        trained = train_encoder(
+            config, workdir, run, splits["train"], spec, mesh, normal_label, stop_at=stop_at
+        )
+        if not trained["finished"]:
+            return {k: trained[k] for k in ("finished", "step", "preempted")}
+        scorer = anomaly.FAnoGANScorer(
+            run,
+            trained["encoder"],
+            trained["state"].params,
+            normal_class=normal_class,
+            kappa=config.fanogan.kappa,
+            mesh=mesh,
+            extra_info={"encoder_workdir": workdir, "encoder_step": trained["step"]},
+        )
+        extra["training"] = trained["summary"]
+    else:
+        scorer = anomaly.DDPMScorer(
+            run,
+            normal_class=normal_class,
+            seed=int(config.seed),
+            mesh=mesh,
+            **{k: config.ddpm[k] for k in ("t_star", "steps", "metric", "eta", "guidance")},
+        )
+    results = anomaly.evaluate(
+        scorer,
+        {"val": splits["val"], "test": splits["test"]},
+        spec,
+        normal_class,
+        workdir,
+        batch_size=int(config.eval.batch_size),
+        threshold=config.eval.threshold,
+        n_bootstrap=int(config.eval.bootstrap),
+        level=float(config.eval.confidence),
+        seed=int(config.seed),
+        num_examples=int(config.eval.num_examples),
+        num_workers=int(config.data.num_workers),
+        mesh=mesh,
+        extra={"config": config_lib.to_dict(config), **extra},
+    )
+    results["wall_time_s"] = results_lib.elapsed(start)
+    if parallel.is_main_process():
+        results_lib.save_results(os.path.join(workdir, "results.json"), results)
+    return results
+
+
+def train_encoder(
+    config, workdir, run, train_source, spec, mesh, normal_label, *, stop_at=None
+) -> dict[str, Any]:
+    """Encoder training on the normal training images; {"finished", "state", "step", ...}."""
+    generator = run.modules["generator"]
+    discriminator = run.modules["discriminator"]
+    resolution = run.resolution
+    encoder = anomaly_train.make_encoder(config.encoder, generator.latent_dim)
+    num_steps = int(config.train.num_steps)
+    batch_size = int(config.train.global_batch_size)
+    tx, lr_schedule = optim.make_optimizer(config.optim, num_steps)
+    rng = jax.random.PRNGKey(int(config.seed))
+    init_fn = functools.partial(
+        anomaly_train.init_state, encoder, tx, image_shape=(resolution, resolution, 1)
+    )
+    abstract = jax.eval_shape(init_fn, rng)
+    replicated = parallel.replicated(mesh)
+    step_fn = anomaly_train.make_train_step(
+        encoder,
+        generator,
+        discriminator,
+        tx,
+        resolution=resolution,
+        kappa=float(config.fanogan.kappa),
+        normal_label=normal_label,
+        lr_schedule=lr_schedule,
+    )
+    train_step = anomaly_train.compile_train_step(step_fn, mesh, abstract, run.params)
+
+    normal_class = config.data.normal_class
+    normals = mixing.class_indices(mixing.read_labels(train_source), normal_class, spec.class_names)
+    if len(normals) < batch_size:
+        raise config_lib.ConfigError(
+            f"config.train.global_batch_size: {batch_size} exceeds the {len(normals)} "
+            f"{normal_class!r} training images"
+        )
+    train_iter = pipeline.make_train_iterator(
+        mixing.Part(train_source, name=normal_class, indices=normals),
+        spec,
+        global_batch_size=batch_size,
+        seed=int(config.seed),
+        resolution=resolution,
+        augment=config.data.augment,
+        normalization="generator",
+        num_workers=int(config.data.num_workers),
+    )
+    signature = {
+        "config_hash": config_lib.config_hash(
+            config,
+            ignore=(
+                "train.log_every",
+                "train.checkpoint_every",
+                "data.num_workers",
+                "eval",
+                "ddpm",
+            ),
+        ),
+        "global_batch_size": batch_size,
+        "dataset": f"{spec.name}:{normal_class}",
+        "train_records": int(len(normals)),
+        "generator": f"{run.workdir}@{run.step}",
+    }
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
+    )
+    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
+    try:
+        state, start_step = checkpoint_lib.restore_or_init(
+            checkpointer,
+            checkpoint_lib.abstract_like(abstract, replicated),
+            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+            train_iter,
+            signature,
+        )
+        outcome = loop.run(
+            state=state,
+            train_step=train_step,
+            batches=train_iter,
+            mesh=mesh,
+            # A host copy: the state (and its rng leaf) is donated to the first step.
+            rng=parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh),
+            start_step=start_step,
+            num_steps=num_steps,
+            images_per_step=batch_size,
+            checkpointer=checkpointer,
+            writer=writer,
+            log_every=int(config.train.log_every),
+            checkpoint_every=int(config.train.checkpoint_every),
+            metadata={"signature": signature},
+            nonfinite=config.train.nonfinite,
+            label="train",
+            stop_at=stop_at,
+        )
+    finally:
+        writer.close()
+        checkpointer.close()
+    finished = not outcome.preempted and outcome.step >= num_steps
+    losses = _losses(workdir, outcome.history)
+    summary = {
+        "num_steps": num_steps,
+        "start_step": int(start_step),
+        "final_step": int(outcome.step),
+        "global_batch_size": batch_size,
+        "normal_train_records": int(len(normals)),
+        "encoder_params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
+        "nonfinite_steps": int(jax.device_get(outcome.state.nonfinite_steps)),
+        "losses": losses,
+        "final_loss": losses[max(losses, key=int)] if losses else None,
+        "history": outcome.history,
+    }
+    return {
+        "finished": finished,
+        "preempted": outcome.preempted,
+        "step": int(outcome.step),
+        "state": outcome.state,
+        "encoder": encoder,
+        "summary": summary,
+    }
+
+
+def _losses(workdir: str, history: list[dict[str, Any]]) -> dict[str, float]:
+    """Logged training losses by step over the whole run (all sessions, via metrics.jsonl)."""
+    rows = list(history)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    return {str(int(r["step"])): float(r["train/loss"]) for r in rows if "train/loss" in r}
