@@ -302,7 +302,7 @@ def _restore_iterator(step: int, data_dir: epath.Path, iterator: grain.DatasetIt
     iterator.set_state(json.loads(texts.pop()))
     if hasattr(iterator, "start_prefetch"):
         iterator.start_prefetch()
-    logging.info(
+    logging.warning(
         "step %d was saved by %d process(es); its data position carries over to %d",
         step,
         len(files),
