@@ -89,3 +89,42 @@ def test_empty_workdir_restores_nothing_and_a_lone_bad_step_is_an_error(tmp_path
     with pytest.raises(checkpoint_lib.CheckpointError, match="no readable checkpoint"):
         ckpt.restore_latest(checkpoint_lib.abstract_like(_state(0), None_sharding()))
     ckpt.close()
+
+
+def test_iterator_state_saved_by_another_process_count_carries_over(tmp_path):
+    """Pipelines batch before to_iter_dataset, so every process holds the same state: a step
+    saved by 2 processes resumes the data position on 1 (and back); states that differ
+    between processes are refused."""
+    images = np.arange(40 * 8 * 8, dtype=np.uint8).reshape(40, 8, 8)
+    source = sources.ArraySource(images, np.arange(40) % 2)
+    spec = sources.DatasetSpec("toy", ("a", "b"))
+
+    def make():
+        return pipeline.make_train_iterator(
+            source, spec, global_batch_size=4, seed=3, resolution=8, device_count=1,
+            process_count=1, process_index=0,
+        )  # fmt: skip
+
+    ckpt = checkpoint_lib.Checkpointer(tmp_path)
+    iterator = make()
+    for _ in range(3):
+        next(iterator)
+    ckpt.save(3, _state(3), data_iterator=iterator)
+    ckpt.wait()
+    expected = next(iterator)["index"]
+    # Rewrite step 3 as two processes would have written it.
+    data = tmp_path / "3" / "data"
+    state_text = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for p in range(2):
+        (data / f"process_{p}-of-2.json").write_text(state_text)
+    abstract = checkpoint_lib.abstract_like(_state(0), None_sharding())
+    fresh = make()
+    _, meta = ckpt.restore(3, abstract, data_iterator=fresh)
+    assert meta["step"] == 3
+    np.testing.assert_array_equal(next(fresh)["index"], expected)
+
+    (data / "process_1-of-2.json").write_text(state_text.replace("3", "5"))
+    with pytest.raises(checkpoint_lib.CheckpointError, match="not shared by its processes"):
+        ckpt.restore(3, abstract, data_iterator=make())
+    ckpt.close()
