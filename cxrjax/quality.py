@@ -237,7 +237,12 @@ def distribution_metrics(
 
 
 def _float(value):
-    return float(value) if isinstance(value, float | np.floating | int | np.integer) else value
+    """numpy scalars -> Python floats / ints for JSON; everything else unchanged."""
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def compute_metrics(
@@ -549,10 +554,25 @@ def markdown_report(metrics: Mapping[str, Any], figures: Sequence[str] = ()) -> 
             f"{memo['train_nn_distance_median']:.4g}).",
             "",
         ]
+        if memo["closest_pairs"]:
+            lines += [
+                "Closest pairs (`nearest_pairs.png`: synthetic left, training image right, four "
+                "pairs per row):",
+                "",
+                report.markdown_table(
+                    memo["closest_pairs"], ["synthetic", "train", "distance"], float_fmt=".4g"
+                ),
+            ]
     if metrics.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {message}" for message in metrics["warnings"]] + [""]
     if figures:
-        lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
+        lines += [
+            "## Figures",
+            "",
+            "`samples_<class>.png`: real images in the top row, synthetic below.",
+            "",
+        ]
+        lines += [f"![{name}]({name})" for name in figures] + [""]
     return "\n".join(lines)
 
 
@@ -570,6 +590,10 @@ def write_report(
 ) -> dict[str, str]:
     """metrics.json, report.md, embedding_<method>.png, samples_<class>.png, nearest_pairs.png.
 
+    Image grids hold exact pixels (no captions, which cost seconds of matplotlib each):
+    samples_<class>.png has `samples_per_class` real images in its top row and as many
+    synthetic ones below; nearest_pairs.png puts each closest (synthetic, training) pair side
+    by side, four pairs per row, closest first (indices and distances in report.md).
     Returns {name: path} of what was written.
     """
     from cxrjax.train import results as results_lib
@@ -598,25 +622,18 @@ def write_report(
         synth = synth[np.sort(rng.permutation(len(synth))[:samples_per_class])]
         if not len(real) and not len(synth):
             continue
+        blank = np.zeros((samples_per_class, *images["real"].shape[1:]), np.uint8)
+        rows = [np.concatenate([part, blank])[:samples_per_class] for part in (real, synth)]
         name = f"samples_{_safe(class_name)}.png"
-        report.save_image_grid(
-            np.concatenate([real, synth]),
-            output / name,
-            nrow=samples_per_class,
-            labels=["real"] * len(real) + ["synthetic"] * len(synth),
-        )
+        report.save_image_grid(np.concatenate(rows), output / name, nrow=samples_per_class)
         figures.append(name)
     pairs = (metrics.get("memorisation") or {}).get("closest_pairs") or []
     if pairs and images.get("train") is not None:
-        tiles, captions = [], []
+        tiles = []
         for pair in pairs:
             tiles += [images["synthetic"][pair["synthetic"]], images["train"][pair["train"]]]
-            captions += [
-                f"synth {pair['synthetic']}",
-                f"train {pair['train']} d={pair['distance']:.3g}",
-            ]
         name = "nearest_pairs.png"
-        report.save_image_grid(np.stack(tiles), output / name, nrow=8, labels=captions)
+        report.save_image_grid(np.stack(tiles), output / name, nrow=8)
         figures.append(name)
     results_lib.save_results(str(output / "metrics.json"), metrics)
     (output / "report.md").write_text(markdown_report(metrics, figures), encoding="utf-8")

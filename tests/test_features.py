@@ -1,5 +1,5 @@
 """Feature extractors: spec errors before compute, pixels, batching over devices, the cache, the
-classifier (cxr:) and Inception (inception:) extractors on tiny inputs."""
+classifier (cxr:) extractor on tiny inputs (inception: runs in tests/models/test_inception.py)."""
 
 import functools
 import os
@@ -14,7 +14,6 @@ from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import features, parallel
 from cxrjax.config import ConfigError
-from cxrjax.models import inception
 from cxrjax.train import classifier, optim
 
 
@@ -109,23 +108,3 @@ def test_cxr_extractor_is_the_classifier_penultimate_layer(shipped_data_dir, tmp
     np.testing.assert_allclose(got, np.asarray(expected), atol=1e-5)
     # Other sizes get the classifier's resize (antialiased, as datasets are prepared).
     assert features.extract(extractor, images_u8(4, size=40), batch_size=4).shape == (4, 32)
-
-
-def test_inception_extractor_from_an_npz_weight_file(tmp_path):
-    abstract = inception.abstract_variables()
-    rng = np.random.default_rng(0)
-    state_dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        names = tuple(str(entry.key) for entry in path)
-        value = rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
-        if names[-1] in ("scale", "var"):
-            value = np.abs(value) + 1.0
-        if names[-1] == "kernel":
-            value = value.transpose(3, 2, 0, 1)  # back to torch's [O, I, kh, kw]
-        state_dict[inception.torch_key(names)] = value
-    path = tmp_path / "fid_weights.npz"
-    np.savez(path, **state_dict)
-    extractor = features.make_extractor(f"inception:{path}")
-    assert extractor.dim == 2048 and extractor.info["weights_sha256"]
-    out = features.extract(extractor, images_u8(4, size=28), batch_size=4)
-    assert out.shape == (4, 2048) and np.isfinite(out).all()

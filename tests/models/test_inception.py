@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cxrjax import features
 from cxrjax.models import inception
 
 torch = pytest.importorskip("torch")
@@ -87,8 +88,10 @@ def test_pool3_features_match_pytorch_fid_with_random_weights(tmp_path, monkeypa
     assert got64.dtype == np.float64
     np.testing.assert_allclose(got64, expected, atol=1e-9 * scale, rtol=0)
 
-    got32 = np.asarray(jax.jit(inception.fid_features)(variables, x01.astype(np.float32)))
-    assert got32.dtype == np.float32
+    # float32, as used: the inception: extractor from the .pth, batched over the 4 test devices.
+    extractor = features.make_extractor(f"inception:{path}")
+    got32 = features.extract(extractor, images)
+    assert got32.shape == (2, 2048) and got32.dtype == np.float32
     error32 = np.abs(got32 - expected).max()
     assert error32 < 1e-3 * scale, f"float32 features differ by {error32:.3g} (scale {scale:.3g})"
 
@@ -104,6 +107,16 @@ def test_resize_matches_torch_bilinear_without_antialias(in_size):
     )
     expected = 2 * expected.numpy().transpose(0, 2, 3, 1) - 1
     np.testing.assert_allclose(got, np.repeat(expected, 3, axis=-1), atol=1e-5)
+
+
+def test_npz_copy_holds_the_same_arrays(tmp_path):
+    state = {"Conv2d_1a_3x3.conv.weight": torch.randn(32, 3, 3, 3), "fc.bias": torch.zeros(1008)}
+    torch.save(state, tmp_path / "w.pth")
+    inception.save_npz(tmp_path / "w.pth", tmp_path / "w.npz")
+    copy = inception.read_state_dict(tmp_path / "w.npz")
+    assert sorted(copy) == sorted(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(copy[key], value.numpy())
 
 
 def test_missing_weights_file_names_the_download_url(tmp_path):
