@@ -240,28 +240,55 @@ def cxr_extractor(workdir: str, *, step: int | None = None) -> Extractor:
         "params": state.ema_params if use_ema else state.params,
         "batch_stats": state.batch_stats,
     }
-    mean, std = float(config.data.mean), float(config.data.std)
-
-    def apply_fn(params, images):
-        return model.apply(params, (images - mean) / std, method="features")
-
     config_hash = config_lib.config_hash(config)
-    return Extractor(
+    return classifier_extractor(
+        model,
+        variables,
+        mean=float(config.data.mean),
+        std=float(config.data.std),
+        resolution=resolution,
         spec=f"cxr:{workdir}",
-        kind="cxr",
-        dim=model.num_features,
-        apply_fn=apply_fn,
-        params=variables,
         fingerprint=f"cxr:{workdir}:step{step}:{config_hash}:{saved_at:.0f}",
-        input_size=resolution,
         info={
             "workdir": workdir,
             "checkpoint_step": int(step),
             "ema": use_ema,
             "model": config.model.name,
+            "dataset": spec.name,
+        },
+    )
+
+
+def classifier_extractor(
+    model,
+    variables,
+    *,
+    mean: float,
+    std: float,
+    resolution: int,
+    spec: str,
+    fingerprint: str,
+    info: dict[str, Any] | None = None,
+) -> Extractor:
+    """Pooled DenseNet features of given variables: resize to `resolution` on the host, then
+    (x - mean) / std, then `model.features`. `cxr_extractor` builds one from a workdir; the
+    benchmarks build one from random weights."""
+
+    def apply_fn(params, images):
+        return model.apply(params, (images - mean) / std, method="features")
+
+    return Extractor(
+        spec=spec,
+        kind="cxr",
+        dim=model.num_features,
+        apply_fn=apply_fn,
+        params=variables,
+        fingerprint=fingerprint,
+        input_size=resolution,
+        info={
+            **(info or {}),
             "resolution": resolution,
             "normalization": {"mean": mean, "std": std},
-            "dataset": spec.name,
         },
     )
 
