@@ -16,18 +16,22 @@ Presets:
   pneumonia_mnist       the CPU demo on the shipped PneumoniaMNIST subset (normal vs
                         pneumonia), f-AnoGAN on the 32 px `configs/pggan.py:pneumonia_mnist` run
                         (default workdir workdirs/pggan_pneumonia_mnist). Encoder widths
-                        32..128 (0.86 M params), Adam 1e-3, batch 16, 150 steps over the 1214
-                        normal training images (~2 epochs), kappa = 1. About 5 min on the
-                        shared 2-core CPU (estimated from measured step and scoring times, see
-                        get_config; not from a full run). The test AUC depends on how good the
-                        PGGAN is; a ~15 min CPU PGGAN is a weak generator, so expect a modest
-                        AUC, not the classifier's 0.99.
+                        32..128 (0.86 M params), Adam 1e-3, batch 16, 200 steps over the 1214
+                        normal training images (~2.6 epochs), kappa = 1. About 2.5-4.5 min on
+                        the shared 2-core CPU (estimated from driver-measured step and
+                        scoring times on a stand-in PGGAN, see get_config; not a full run).
+                        The test AUC depends on how good the PGGAN is; a ~15 min CPU PGGAN is
+                        a weak generator, so expect a modest AUC, not the classifier's 0.99.
   pneumonia_mnist_ddpm  the DDPM method on the `configs/ddpm.py:pneumonia_mnist` run (default
                         workdirs/ddpm_pneumonia_mnist): noise to t* = 200 of 1000, 10 DDIM
-                        steps back, conditioned on "normal"; scores val + test only. Measured
-                        0.27 s per image (unet_demo32, 10 steps, shared CPU, load ~5) + ~30 s
-                        compile: ~4 min for the 738 images. Train the DDPM on normals only
-                        with --config.data.only_class=normal (configs/ddpm.py).
+                        steps back, conditioned on "normal"; scores val + test only.
+                        Measured 2026-11-26 on the 300-step DDPM demo run (trained on both
+                        classes), shared 2-core CPU: whole command 3 min 50 s; test ROC-AUC
+                        0.23 [0.19, 0.27], i.e. worse than chance: that DDPM reconstructs the
+                        hazier pneumonia images with *lower* error than normals. Train the
+                        DDPM on normals only (--config.data.only_class=normal in
+                        configs/ddpm.py) and try a larger ddpm.t_star before reading much
+                        into this method here.
 
 Writes to the workdir: config.json, and for f-AnoGAN metrics.jsonl, tensorboard/ and
 checkpoints/ (the encoder, with the data iterator; re-running resumes exactly); then
@@ -119,12 +123,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.update(batch_size=64, bootstrap=50, num_examples=2)
     elif preset == "pneumonia_mnist":
         config.generator_workdir = "workdirs/pggan_pneumonia_mnist"
-        # Measured on the shared 2-core CPU (load ~5-6, Demo32 G/D at 32 px, this encoder,
-        # full XLA optimisation, 1 device): 1.56 s per encoder step at batch 16 (2.56 s at
-        # batch 32) after a ~12 s compile; scoring 0.029 s per image (val + test = 738 images,
-        # ~22 s). 150 steps x 1.56 s ~ 4 min + compile, scoring, bootstrap and figures
-        # ~ 5 min in all under that load; an idle machine is roughly twice as fast.
-        config.train.update(global_batch_size=16, num_steps=150, log_every=25, checkpoint_every=50)
+        # Measured through this driver on the shared 2-core CPU (load 6-7, 1 device, full XLA
+        # optimisation), Demo32 G/D at 32 px, batch 16: 0.43-0.98 s per encoder step (load
+        # dependent); a whole 30-step command took 67 s, i.e. ~55 s of imports, restore,
+        # compile (~10 s), scoring 738 val + test images (0.03 s each), 1000 bootstrap
+        # resamples and figures. 200 steps: ~1.5-3.5 min of steps + ~1 min ~ 2.5-4.5 min.
+        config.train.update(global_batch_size=16, num_steps=200, log_every=25, checkpoint_every=100)
     elif preset == "pneumonia_mnist_ddpm":
         config.method = "ddpm"
         config.generator_workdir = "workdirs/ddpm_pneumonia_mnist"

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from cxrjax import config as config_lib
 from cxrjax import diffusion, parallel, report, synthesis
@@ -400,14 +402,21 @@ def anomaly_labels(labels: np.ndarray, class_names: Sequence[str], normal_class:
     return (~normal).astype(np.int64)
 
 
-def score_split(scorer: Scorer, source, spec, *, batch_size: int, mesh=None, num_workers=0):
+def score_split(
+    scorer: Scorer, source, spec, *, batch_size: int, mesh=None, num_workers=0, name="split"
+):
     """Scores every record of `source` once: host arrays in record order.
 
     Returns {"score": [N], "label": the dataset labels, "index": [N], "terms/...": [N]}. Works
     across processes like the classifier's predictions: each process feeds its shard, the
-    gathered batches are unpadded by `mask` and sorted by record index.
+    gathered batches are unpadded by `mask` and sorted by record index. Logs progress (images,
+    images/s, ETA) about every 10 % of the batches.
     """
     mesh = mesh or parallel.make_mesh()
+    total = len(mixing.as_mixed(source))
+    num_batches = pipeline.eval_num_batches(total, batch_size, jax.process_count())
+    log_every = max(1, num_batches // 10)
+    start, done = time.perf_counter(), 0
     batches = pipeline.make_eval_dataset(
         source,
         spec,
@@ -427,6 +436,19 @@ def score_split(scorer: Scorer, source, spec, *, batch_size: int, mesh=None, num
         keep = np.asarray(host.pop("mask"), bool)
         for key, value in host.items():
             chunks[key].append(np.asarray(value)[keep])
+        done += 1
+        if done % log_every == 0 or done == num_batches:
+            seen = sum(len(c) for c in chunks["score"])
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            logging.info(
+                "[score] %s %s: %d/%d images, %.1f img/s, ETA %.0f s",
+                scorer.method,
+                name,
+                seen,
+                total,
+                rate,
+                (total - seen) / max(rate, 1e-9),
+            )
     out = {key: np.concatenate(values) for key, values in chunks.items()}
     order = np.argsort(out["index"], kind="stable")
     return {key: value[order] for key, value in out.items()}
@@ -516,7 +538,13 @@ def evaluate(
     scored = {}
     for split in ("val", "test"):
         out = score_split(
-            scorer, splits[split], spec, batch_size=batch_size, mesh=mesh, num_workers=num_workers
+            scorer,
+            splits[split],
+            spec,
+            batch_size=batch_size,
+            mesh=mesh,
+            num_workers=num_workers,
+            name=split,
         )
         out["y"] = anomaly_labels(out["label"], spec.class_names, normal_class)
         if out["y"].min() == out["y"].max():
