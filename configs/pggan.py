@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(
         dict(
             global_batch_size=16,
+            # Per-resolution global batch, "from_res:batch,..." (e.g. "4:64,64:32,128:16", as the
+            # official code shrinks it while growing); "" = global_batch_size everywhere.
+            batch_sizes="",
             log_every=50,
             checkpoint_every=500,
             keep_checkpoints=2,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -88,6 +88,46 @@ def schedule(
     if phase.kind == FADE:
         alpha = min(max((images_seen - phase.start) / phase.length, 0.0), 1.0)
     return phase, alpha
+
+
+def parse_batch_sizes(spec: str, default: int, max_resolution: int) -> dict[int, int]:
+    """Global batch per resolution from "from_res:batch,..." (empty: `default` everywhere).
+
+    "4:64,64:32,128:16" trains 4..32 px at 64, 64 px at 32 and 128 px and above at 16, as the
+    official code shrinks the minibatch while growing. Resolutions below the first entry use
+    `default`.
+    """
+    table = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            resolution, batch = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"batch sizes: {item!r} is not 'resolution:batch'") from None
+        table[resolution] = batch
+    sizes, current, resolution = {}, default, 4
+    while resolution <= max_resolution:
+        current = max(((r, b) for r, b in table.items() if r <= resolution), default=(0, current))[
+            1
+        ]
+        sizes[resolution] = current
+        resolution *= 2
+    return sizes
+
+
+def phase_end_steps(all_phases: Sequence[Phase], batch_sizes: Mapping[int, int]) -> list[int]:
+    """Global step at which each phase ends, when every step at resolution r sees batch_sizes[r].
+
+    A phase ends on its first step whose images reach `phase.end` (a batch never straddles
+    two resolutions' steps; it may overshoot a boundary by less than one batch).
+    """
+    ends, step, seen = [], 0, 0
+    for phase in all_phases:
+        batch = batch_sizes[phase.resolution]
+        if seen < phase.end:
+            count = math.ceil((phase.end - seen) / batch)
+            step, seen = step + count, seen + count * batch
+        ends.append(step)
+    return ends
 
 
 def fade_start(resolution: int, fade_images: int, stable_images: int) -> int:

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,12 +58,31 @@ def validate(config) -> None:
     for field in ("train.checkpoint_every", "data.num_workers", "data.source_resolution"):
         config_lib.check_positive(config, field, allow_zero=True)
     group = config.model.mbstd_group_size
-    batch = config.train.global_batch_size
-    check(
-        group <= 1 or batch % group == 0,
-        "train.global_batch_size",
-        f"{batch} is not divisible by the minibatch-stddev group model.mbstd_group_size={group}",
-    )
+    try:
+        sizes = batch_sizes(config)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.train.batch_sizes: {e}") from None
+    field = "train.batch_sizes" if config.train.get("batch_sizes") else "train.global_batch_size"
+    for resolution, batch in sizes.items():
+        check(batch > 0, field, f"batch {batch} at {resolution} px must be positive")
+        check(
+            group <= 1 or batch % group == 0,
+            field,
+            f"batch {batch} at {resolution} px is not divisible by the minibatch-stddev group "
+            f"model.mbstd_group_size={group}",
+        )
+    if len(set(sizes.values())) > 1:
+        # Phase boundaries on batch boundaries: each phase's first step then sees its start
+        # exactly, which is where alpha and the optimizer resets are measured from.
+        for name in ("schedule.fade_images", "schedule.stable_images"):
+            length = config.schedule[name.split(".")[1]]
+            bad = sorted({b for b in sizes.values() if length % b})
+            check(
+                not bad,
+                name,
+                f"{length} must be a multiple of every batch size when train.batch_sizes varies "
+                f"the batch (not of {bad})",
+            )
     check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     check(0.0 <= config.optim.b1 < 1.0, "optim.b1", "must be in [0, 1)")
     check(0.0 <= config.optim.b2 < 1.0, "optim.b2", "must be in [0, 1)")
@@ -80,6 +100,42 @@ def phase_end_step(phase: gan.Phase, global_batch_size: int) -> int:
     return math.ceil(phase.end / global_batch_size)
 
 
+def batch_sizes(config) -> dict[int, int]:
+    """Global batch per resolution: `train.batch_sizes` ("4:64,128:16") or the one batch."""
+    return gan.parse_batch_sizes(
+        config.train.get("batch_sizes", ""),
+        int(config.train.global_batch_size),
+        int(config.data.resolution),
+    )
+
+
+class GroupedBatches(grain.DatasetIterator):
+    """Concatenates `factor` consecutive batches of the base iterator (set per phase).
+
+    The pipeline yields one fixed base batch (the gcd of the per-resolution batches); a phase
+    with a batch of k x base takes k of them per step. The state is the base iterator's, saved
+    after whole steps, so a resumed run still continues on exactly the next batch. With k > 1 and
+    several processes the rows of a global batch come in process-major order (the same examples,
+    in another order than one process would give).
+    """
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.factor = 1
+
+    def __next__(self):
+        parts = [next(self._parent) for _ in range(self.factor)]
+        if self.factor == 1:
+            return parts[0]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
     """Trains PGGAN through every phase; writes samples/, checkpoints/, results.json.
 
@@ -94,8 +150,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         with open(results_path, encoding="utf-8") as f:
             return json.load(f)
     mesh = parallel.make_mesh()
-    batch_size = int(config.train.global_batch_size)
-    parallel.check_global_batch(batch_size, mesh)
+    sizes = batch_sizes(config)
+    base_batch = math.gcd(*sizes.values())
+    for batch in sorted(set(sizes.values())) + [base_batch]:
+        parallel.check_global_batch(batch, mesh)
     if parallel.is_main_process():
         config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
@@ -134,21 +192,23 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         mesh,
         abstract,
     )
-    train_iter = pipeline.make_train_iterator(
+    base_iter = pipeline.make_train_iterator(
         train_source,
         spec,
-        global_batch_size=batch_size,
+        global_batch_size=base_batch,
         seed=config.seed,
         resolution=max_resolution,
         augment=data.augment,
         normalization="generator",
         num_workers=data.num_workers,
     )
+    train_iter = GroupedBatches(base_iter)
     signature = {
         "config_hash": config_lib.config_hash(
             config, ignore=("train.log_every", "data.num_workers", "train.checkpoint_every")
         ),
-        "global_batch_size": batch_size,
+        "global_batch_size": base_batch,
+        "batch_sizes": {str(r): b for r, b in sizes.items()},
         "dataset": f"{data.name}:{data.source_resolution}:{data.labels}",
         "train_records": len(train_source),
     }
@@ -167,11 +227,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     base_rng = parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh)
     history: list[dict[str, float]] = []
     all_phases = _phases(config)
+    ends = gan.phase_end_steps(all_phases, sizes)
     try:
-        for phase in all_phases:
-            end = phase_end_step(phase, batch_size)
+        for phase, end in zip(all_phases, ends, strict=True):
             if step >= end:
                 continue
+            train_iter.factor = sizes[phase.resolution] // base_batch
             logging.info(
                 "phase %d: %s at %dx%d, steps %d..%d",
                 phase.index,
@@ -189,7 +250,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                 rng=base_rng,
                 start_step=step,
                 num_steps=end,
-                images_per_step=batch_size,
+                images_per_step=sizes[phase.resolution],
                 checkpointer=checkpointer,
                 writer=writer,
                 log_every=config.train.log_every,
@@ -209,7 +270,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             "step": int(step),
             "images_seen": int(jax.device_get(state.images_seen)),
             "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
-            "phases": [{**vars(p), "end_step": phase_end_step(p, batch_size)} for p in all_phases],
+            "phases": [
+                {**vars(p), "batch": sizes[p.resolution], "end_step": e}
+                for p, e in zip(all_phases, ends, strict=True)
+            ],
             "compiled_resolutions": sorted(steps.cache),
             "samples": sorted(os.listdir(sampler.directory))
             if os.path.isdir(sampler.directory)

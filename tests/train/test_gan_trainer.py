@@ -174,3 +174,61 @@ def test_train_pggan_entry_point_tiny(shipped_data_dir, tmp_path):
     pngs = sorted(os.listdir(workdir / "samples"))
     assert len(pngs) == 5 and pngs[-1] == "phase04_16x16_stable.png"
     assert all((workdir / "samples" / p).stat().st_size > 0 for p in pngs)
+
+
+def test_batch_sizes_per_resolution_schedule():
+    assert gan.parse_batch_sizes("", 16, 32) == {4: 16, 8: 16, 16: 16, 32: 16}
+    assert gan.parse_batch_sizes("4:64,16:32, 32:8", 16, 64) == {
+        4: 64,
+        8: 64,
+        16: 32,
+        32: 8,
+        64: 8,
+    }
+    assert gan.parse_batch_sizes("8:4", 16, 16) == {4: 16, 8: 4, 16: 4}
+    with pytest.raises(ValueError, match="resolution:batch"):
+        gan.parse_batch_sizes("4=64", 16, 16)
+    # max 8, fade 64, stable 32, batch 16 at 4 px and 8 at 8 px: 2 + 8 + 4 steps.
+    all_phases = gan.phases(8, 64, 32)
+    assert gan.phase_end_steps(all_phases, {4: 16, 8: 8}) == [2, 10, 14]
+    # One batch: the same as the per-phase ceil formula (boundaries need not be multiples).
+    one = gan.phases(16, 100, 50)
+    assert gan.phase_end_steps(one, dict.fromkeys((4, 8, 16), 16)) == [
+        gan_run.phase_end_step(p, 16) for p in one
+    ]
+
+
+def test_varying_batch_needs_phase_lengths_on_batch_boundaries(tmp_path):
+    config = tiny_config(str(tmp_path), fade_images=60, stable_images=32)
+    config.train.batch_sizes = "4:16,8:8"
+    with pytest.raises(config_lib.ConfigError, match="schedule.fade_images.*multiple"):
+        gan_run.validate(config)
+    config.train.batch_sizes = "4:16,8:6"  # 6 is not a multiple of the group of 4
+    config.model.mbstd_group_size = 4
+    with pytest.raises(config_lib.ConfigError, match="train.batch_sizes.*mbstd"):
+        gan_run.validate(config)
+
+
+def test_per_resolution_batches_resume_across_the_batch_change(shipped_data_dir, tmp_path):
+    # Max 8: 4 px at batch 16 (steps 1-2), 8 px at batch 8 (fade steps 3-10, stable 11-14).
+    config = tiny_config(shipped_data_dir, fade_images=64, stable_images=32)
+    config.data.resolution = 8
+    config.train.update(batch_sizes="4:16,8:8", log_every=1)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    full = gan_run.train_and_evaluate(config, straight)
+    assert full["step"] == 14 and full["images_seen"] == 128
+    assert [(p["batch"], p["end_step"]) for p in full["phases"]] == [(16, 2), (8, 10), (8, 14)]
+    seen = {row["step"]: row["train/images_seen"] for row in full["history"]}
+    assert [seen[s] for s in (1, 2, 3, 4)] == [16, 32, 40, 48]
+    gan_run.train_and_evaluate(config, resumed, stop_at=1)  # inside the batch-16 phase
+    gan_run.train_and_evaluate(config, resumed, stop_at=5)  # mid-fade at batch 8
+    gan_run.train_and_evaluate(config, resumed)
+    step_a, state_a, data_a = _final_state(straight)
+    step_b, state_b, data_b = _final_state(resumed)
+    assert step_a == step_b == 14 and data_a == data_b
+    for a, b in zip(
+        jax.tree.leaves(state_a["g_ema_params"]),
+        jax.tree.leaves(state_b["g_ema_params"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-6)
