@@ -65,8 +65,10 @@ def check_arguments() -> None:
     quality.parse_dataset_split(REAL.value)
     synthetic = os.path.expanduser(SYNTHETIC.value)
     if not os.path.isdir(synthetic):
-        if os.sep in SYNTHETIC.value or ":" not in SYNTHETIC.value:
-            raise FileNotFoundError(f"--synthetic: folder {synthetic} does not exist")
+        if ":" not in SYNTHETIC.value:
+            raise FileNotFoundError(
+                f"--synthetic: {synthetic} is neither a folder nor DATASET:SPLIT"
+            )
         quality.parse_dataset_split(SYNTHETIC.value)
     spec = train_spec()
     if spec is not None:

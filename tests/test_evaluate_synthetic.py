@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cxrjax import quality
+from cxrjax.config import ConfigError
 from cxrjax.data import imageio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,3 +114,20 @@ def test_missing_weights_fail_before_any_compute(tmp_path):
     assert "releases/download/fid_weights/pt_inception-2015-12-05" in done.stderr
     assert not (tmp_path / "no_data").exists()  # no dataset was read or prepared
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_folder_classes_follow_the_real_order_and_unknown_ones_fail(synthetic_folder, tmp_path):
+    image_set = quality.load_image_folder(synthetic_folder, class_names=CLASSES[::-1])
+    assert image_set.class_names == CLASSES[::-1]
+    assert np.bincount(image_set.labels).tolist() == [24, 20]  # pneumonia first now
+    assert image_set.info["provenance"]["generator"] == "ddpm"
+    (tmp_path / "covid").mkdir()
+    (tmp_path / "covid" / "a.png").write_bytes(imageio.encode_png(image_set.images[0]))
+    with pytest.raises(ConfigError, match="covid"):
+        quality.load_image_folder(tmp_path, class_names=CLASSES)
+
+
+@pytest.mark.parametrize("method", quality.EMBEDDINGS)
+def test_embeddings_are_two_dimensional(method):
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    assert quality.embed_2d(x, method).shape == (40, 2)
