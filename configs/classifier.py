@@ -62,6 +62,24 @@ def base_config() -> ml_collections.ConfigDict:
             num_workers=0,
             balanced=False,
             skip_corrupt=False,
+            # Scarcity: keep `keep_fraction` of class `keep_class` of the training split ("" =
+            # all records), chosen by `keep_seed` (mixing.scarce_indices), e.g. 10 % of normal.
+            keep_class="",
+            keep_fraction=1.0,
+            keep_seed=0,
+            # Synthetic images mixed into training (mixing.mix): a folder of class folders as
+            # launch.synthesize writes it, prepared as an image_folder dataset at
+            # data.resolution; every split of that folder counts as training data.
+            synthetic=ml_collections.ConfigDict(
+                dict(
+                    manual_dir="",  # "" = no synthetic data
+                    folder_name="",  # its image_folder name ("" = derived from the path)
+                    data_dir="",  # where to prepare it ("" = data.data_dir)
+                    count=0,  # synthetic records drawn (without replacement); 0 = all
+                    fraction=0.0,  # or: their share of the mixed training set (0 = use count)
+                    label="",  # "" = by class folder name; a class name = that class for all
+                )
+            ),
             mean=0.5,  # classifier normalisation: (x / 255 - mean) / std
             std=0.25,
             augment=ml_collections.ConfigDict(

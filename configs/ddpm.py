@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
             # "" trains on every class; a class name (e.g. "normal") restricts training to it,
             # as a diffusion anomaly detector (cxrjax.anomaly, method "ddpm") wants.
             only_class="",
+            # Scarcity: keep `keep_fraction` of class `keep_class` ("" = all records), chosen by
+            # `keep_seed` (mixing.scarce_indices): the experiment's scarce training split.
+            keep_class="",
+            keep_fraction=1.0,
+            keep_seed=0,
             num_workers=0,
             skip_corrupt=False,
             # Generators learn the data as is: no geometric augmentation by default.

@@ -36,6 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
             source_resolution=0,  # resolution the records are prepared at (0 = builder default)
             resolution=32,  # final PGGAN resolution: a power of two in [8, 1024]
             train_split="train",
+            # Training subset ("" = every record): `only_class` keeps one class (a normal-only
+            # generator for f-AnoGAN); `keep_class` keeps `keep_fraction` of that class, chosen
+            # by `keep_seed` (mixing.scarce_indices), as the experiment's scarce split does.
+            only_class="",
+            keep_class="",
+            keep_fraction=1.0,
+            keep_seed=0,
             num_workers=0,
             skip_corrupt=False,
             augment=ml_collections.ConfigDict(dict(enabled=False)),

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrjax import config as config_lib
 from cxrjax.data import sources
 
 
@@ -122,6 +123,156 @@ def scarce_indices(
         dropped[members] = True
         dropped[kept] = False
     return np.flatnonzero(~dropped)
+
+
+# Data-config fields that choose a subset of the training split (see `training_subset`).
+# Drivers leave them out of their config hash and put the active ones into the run
+# signature's dataset string, so runs from before these fields existed still resume.
+SUBSET_FIELDS = ("data.only_class", "data.keep_class", "data.keep_fraction", "data.keep_seed")
+
+
+def subset_options(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset fields of a data config (absent fields at their defaults)."""
+    get = data.get
+    return {
+        "only_class": str(get("only_class", "") or ""),
+        "keep_class": str(get("keep_class", "") or ""),
+        "keep_fraction": float(get("keep_fraction", 1.0)),
+        "keep_seed": int(get("keep_seed", 0)),
+    }
+
+
+def check_subset_options(data: Mapping[str, Any]) -> None:
+    """ConfigError naming the field for a keep fraction outside (0, 1] or a negative seed."""
+    options = subset_options(data)
+    config_lib.check(
+        0.0 < options["keep_fraction"] <= 1.0,
+        "data.keep_fraction",
+        f"must be in (0, 1], got {options['keep_fraction']}",
+    )
+    config_lib.check(options["keep_seed"] >= 0, "data.keep_seed", "must be >= 0")
+
+
+def subset_signature(data: Mapping[str, Any]) -> str:
+    """The run-signature suffix of the active subset options ("" when none is active)."""
+    options = subset_options(data)
+    suffix = f":only={options['only_class']}" if options["only_class"] else ""
+    if options["keep_class"]:
+        suffix += (
+            f":keep={options['keep_class']}@{options['keep_fraction']:g}/seed{options['keep_seed']}"
+        )
+    return suffix
+
+
+def training_subset(
+    source: Any,
+    spec: sources.DatasetSpec,
+    data: Mapping[str, Any],
+    labels: np.ndarray | None = None,
+) -> Any:
+    """The records of a training split that a run trains on, per the data config.
+
+    One helper for every driver (classifier, PGGAN, DDPM):
+      data.keep_class / keep_fraction / keep_seed  scarcity: keep `keep_fraction` of that
+          class (exact count and choice of `scarce_indices`, keyed by `keep_seed`, so every
+          run of an experiment sees the same scarce subset) and every record of the others;
+      data.only_class  then keep only that class (e.g. a generator for anomaly detection).
+    With none set, returns `source` itself; otherwise a `Part` over the kept indices.
+    `labels` (aligned with `source`) saves reading them again.
+    """
+    options = subset_options(data)
+    if not options["only_class"] and not options["keep_class"]:
+        return source
+    check_subset_options(data)
+    for field in ("keep_class", "only_class"):
+        name = options[field]
+        known = name in spec.class_names or (
+            field == "only_class" and spec.label_kind == sources.MULTILABEL and name == "No Finding"
+        )
+        config_lib.check(
+            not name or known,
+            f"data.{field}",
+            f"{name!r} is not a class of {spec.name} {list(spec.class_names)}",
+        )
+    labels = read_labels(source) if labels is None else np.asarray(labels)
+    indices = np.arange(len(source))
+    names = []
+    if options["keep_class"]:
+        indices = scarce_indices(
+            labels,
+            {options["keep_class"]: options["keep_fraction"]},
+            seed=options["keep_seed"],
+            class_names=spec.class_names,
+        )
+        names.append(f"{options['keep_class']}@{options['keep_fraction']:g}")
+    if options["only_class"]:
+        members = class_indices(labels, options["only_class"], spec.class_names)
+        indices = np.intersect1d(indices, members)
+        names.append(f"only {options['only_class']}")
+    if not len(indices):
+        raise config_lib.ConfigError(
+            f"config.data: the subset {', '.join(names)} of {spec.name} is empty"
+        )
+    return Part(source, name="real (" + ", ".join(names) + ")", indices=indices)
+
+
+class Relabelled:
+    """A source whose labels go through a lookup table: label -> table[label].
+
+    For synthetic images whose folder classes are named differently from the real dataset's,
+    or that all stand for one intended class (an unconditional generator's "synthetic"
+    folder -> the scarce finding's multi-hot row). Everything else in the record is unchanged.
+    """
+
+    def __init__(self, source: Any, table: np.ndarray):
+        self.source = source
+        self.table = np.asarray(table)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _relabel(self, record: Mapping) -> dict:
+        record = dict(record)
+        record["label"] = self.table[int(np.asarray(record["label"]))]
+        return record
+
+    def __getitem__(self, index: int) -> dict:
+        return self._relabel(self.source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        getitems = getattr(self.source, "__getitems__", None)
+        records = getitems(list(indices)) if getitems else [self.source[i] for i in indices]
+        return [self._relabel(record) for record in records]
+
+    def __repr__(self) -> str:
+        return f"Relabelled({self.source!r})"
+
+
+def part_composition(
+    mixed: MixedSource, labels: np.ndarray, class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per part of a mixed training source: name, synthetic flag, records, records per class.
+
+    `labels` are the mixed source's labels (`MixedSource.select_labels`), in its order.
+    """
+    labels = np.asarray(labels)
+    out, start = [], 0
+    for part in mixed.parts:
+        part_labels = labels[start : start + len(part)]
+        start += len(part)
+        per_class = {
+            name: int(len(_members(part_labels, k))) if len(part_labels) else 0
+            for k, name in enumerate(class_names)
+        }
+        out.append(
+            {
+                "name": part.name,
+                "synthetic": bool(part.synthetic),
+                "records": int(len(part)),
+                "per_class": per_class,
+            }
+        )
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,6 +98,29 @@ def validate(config) -> None:
     check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
     check(len(config.model.block_config) >= 1, "model.block_config", "needs at least one block")
+    for role in ("train", "val"):
+        # By construction, the test split never trains a model nor picks a checkpoint or a
+        # threshold: those read only data.train_split and data.val_split.
+        check(
+            config.data[f"{role}_split"] != config.data.test_split,
+            f"data.{role}_split",
+            f"must differ from data.test_split ({config.data.test_split!r})",
+        )
+    mixing.check_subset_options(config.data)
+    synthetic = config.data.get("synthetic")
+    if synthetic is not None and synthetic.manual_dir:
+        check(
+            os.path.isdir(os.path.expanduser(synthetic.manual_dir)),
+            "data.synthetic.manual_dir",
+            f"{synthetic.manual_dir!r} is not a directory",
+        )
+        check(synthetic.count >= 0, "data.synthetic.count", "must be >= 0")
+        check(0.0 <= synthetic.fraction < 1.0, "data.synthetic.fraction", "must be in [0, 1)")
+        check(
+            not (synthetic.count and synthetic.fraction),
+            "data.synthetic.count",
+            "give data.synthetic.count or data.synthetic.fraction, not both",
+        )
     check(
         config.train.select == "last" or config.train.eval_every > 0,
         "train.select",
@@ -134,6 +157,107 @@ def load_splits(data) -> tuple[dict[str, Any], sources.DatasetSpec]:
     return splits, spec
 
 
+# Classifier data-config fields that enter the run signature's dataset string when active
+# rather than the config hash, so runs from before they existed still resume.
+SIGNATURE_DATA_FIELDS = (*mixing.SUBSET_FIELDS, "data.synthetic")
+# Fields outside the config hash that checks a resumed run is the same run.
+HASH_IGNORE = ("train.log_every", "data.num_workers", "eval.bootstrap", *SIGNATURE_DATA_FIELDS)
+
+
+def _synthetic_active(data) -> bool:
+    synthetic = data.get("synthetic")
+    return synthetic is not None and bool(synthetic.manual_dir)
+
+
+def load_synthetic(data, spec: sources.DatasetSpec) -> tuple[list[mixing.Part], list, dict]:
+    """Every split of the synthetic image folder as synthetic Parts, labels in `spec`'s classes.
+
+    Returns (parts, per-part labels, description). The folder is prepared (idempotently) as an
+    image_folder dataset at data.resolution; class folders map to the real classes by name,
+    or all to `data.synthetic.label` when set (one-hot rows for multi-label data).
+    """
+    synthetic = data.synthetic
+    options = {
+        "data_dir": synthetic.data_dir or data.data_dir or None,
+        "manual_dir": os.path.abspath(os.path.expanduser(synthetic.manual_dir)),
+        "resolution": data.resolution,
+        "folder_name": synthetic.folder_name or None,
+    }
+    builder = builders.prepare("image_folder", **options)
+    own = builders.spec(builder)
+    multilabel = spec.label_kind == sources.MULTILABEL
+
+    def row(name: str, field: str):
+        config_lib.check(
+            name in spec.class_names,
+            field,
+            f"synthetic class {name!r} is not a class of {spec.name} {list(spec.class_names)}",
+        )
+        index = spec.class_names.index(name)
+        return np.eye(spec.num_classes, dtype=np.float32)[index] if multilabel else index
+
+    if synthetic.label:
+        table = np.stack(
+            [np.asarray(row(synthetic.label, "data.synthetic.label"))] * len(own.class_names)
+        )
+    else:
+        table = np.stack([np.asarray(row(n, "data.synthetic.manual_dir")) for n in own.class_names])
+    parts, labels = [], []
+    for split in sorted(builder.info.splits):
+        if not builder.info.splits[split].num_examples:
+            continue
+        source = mixing.Relabelled(builder.as_data_source(split=split), table)
+        parts.append(mixing.Part(source, name=f"synthetic:{split}", synthetic=True))
+        labels.append(table[mixing.read_labels(source.source)])
+    if not parts:
+        raise config_lib.ConfigError(
+            f"config.data.synthetic.manual_dir: {synthetic.manual_dir} holds no images"
+        )
+    description = {
+        "dataset": own.name,
+        "folder": options["manual_dir"],
+        "splits": sorted(builder.info.splits),
+        "provenance": builder.info.metadata.get("provenance"),
+    }
+    return parts, labels, description
+
+
+def training_source(config, splits, spec) -> tuple[Any, np.ndarray, dict[str, Any], str]:
+    """The training records: the (scarce) real train split, plus synthetic images if set.
+
+    Returns (source, its labels, a description of what it holds, signature suffix). Only
+    data.train_split and the synthetic folder can enter: the test split never trains.
+    """
+    data = config.data
+    full_labels = mixing.read_labels(splits["train"])
+    real = mixing.training_subset(splits["train"], spec, data, labels=full_labels)
+    real_part = real if isinstance(real, mixing.Part) else mixing.Part(real, name="real")
+    suffix = mixing.subset_signature(data)
+    description: dict[str, Any] = {"real_split": data.train_split, "synthetic": None}
+    if not _synthetic_active(data):
+        source, labels = mixing.MixedSource([real_part]), full_labels[real_part.selected()]
+    else:
+        synth = data.synthetic
+        parts, synth_labels, description["synthetic"] = load_synthetic(data, spec)
+        amount = {"fraction": float(synth.fraction)} if synth.fraction else None
+        if amount is None:
+            available = sum(len(p) for p in parts)
+            amount = {"count": int(synth.count) if synth.count else available}
+        try:
+            source = mixing.mix(real_part, parts, seed=int(config.seed), **amount)
+        except ValueError as error:
+            raise config_lib.ConfigError(f"config.data.synthetic: {error}") from None
+        labels = source.select_labels([full_labels, *synth_labels])
+        description["synthetic"]["amount"] = amount
+        suffix += (
+            f"+synthetic={description['synthetic']['dataset']}"
+            f":{','.join(f'{k}={v}' for k, v in amount.items())}:label={synth.label}"
+        )
+    description["parts"] = mixing.part_composition(source, labels, spec.class_names)
+    description["records"] = int(len(source))
+    return source, labels, description, suffix
+
+
 def headline_auc(result: Mapping[str, Any]) -> float:
     """The single AUC that ranks checkpoints: binary AUC, else the macro average."""
     if "auc" in result:
@@ -162,7 +286,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
     splits, spec = load_splits(config.data)
-    train_labels = mixing.read_labels(splits["train"])
+    train_source, train_labels, training_data, dataset_suffix = training_source(
+        config, splits, spec
+    )
+    logging.info("training on %s", train_source)
     weights = class_weights(spec, train_labels, config.loss.class_weighting)
     model = make_model(config.model, spec.num_classes)
     num_steps = int(config.train.num_steps)
@@ -195,7 +322,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     )
     normalization = (float(config.data.mean), float(config.data.std))
     train_iter = pipeline.make_train_iterator(
-        splits["train"],
+        train_source,
         spec,
         global_batch_size=config.train.global_batch_size,
         seed=config.seed,
@@ -226,12 +353,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         return {"val/auc": headline_auc(result)}
 
     signature = {
-        "config_hash": config_lib.config_hash(
-            config, ignore=("train.log_every", "data.num_workers", "eval.bootstrap")
-        ),
+        "config_hash": config_lib.config_hash(config, ignore=HASH_IGNORE),
         "global_batch_size": int(config.train.global_batch_size),
-        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}",
-        "train_records": len(splits["train"]),
+        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
+        + dataset_suffix,
+        "train_records": len(train_source),
     }
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -290,6 +416,18 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                 "num_steps": num_steps,
                 "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
                 "split_sizes": {role: len(src) for role, src in splits.items()},
+                "train_records": int(len(train_source)),
+                "training_data": training_data,
+                # Which split each decision read: test only gives the final numbers.
+                "splits_used": {
+                    "training": [config.data.train_split]
+                    + (["synthetic"] if training_data["synthetic"] else []),
+                    "checkpoint_selection": config.data.val_split
+                    if config.train.select == "best" and config.train.eval_every
+                    else None,
+                    "threshold": config.data.val_split,
+                    "reported": config.data.test_split,
+                },
                 "history": outcome.history,
             },
         )
@@ -337,6 +475,7 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
     }
     if parallel.is_main_process():
         np.savez(os.path.join(workdir, "test_predictions.npz"), **test)
+        np.savez(os.path.join(workdir, "val_predictions.npz"), **val)
         curves = {"test": (test["labels"], test["probs"]), "val": (val["labels"], val["probs"])}
         if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
             report.save_roc_curves(curves, os.path.join(workdir, "roc.png"), title="ROC (DenseNet)")

@@ -35,6 +35,16 @@ from cxrjax.train.diffusion import (
     make_noise_schedule,
 )
 
+# Fields outside the config hash that checks a resumed run is the same run. The subset fields
+# enter the signature's "dataset" string when set instead, so older checkpoints still resume.
+HASH_IGNORE = (
+    "train.log_every",
+    "data.num_workers",
+    "train.sample_every",
+    "sample",
+    *mixing.SUBSET_FIELDS,
+)
+
 
 def validate(config) -> None:
     """Every field the run relies on, checked before any data read or compile."""
@@ -73,6 +83,7 @@ def validate(config) -> None:
         "must be in [0, 1)",
     )
     check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    mixing.check_subset_options(config.data)
     check(
         config.sample.steps <= config.diffusion.num_timesteps,
         "sample.steps",
@@ -107,22 +118,13 @@ def _dataset_options(data) -> dict[str, Any]:
 def load_train_split(data):
     """Prepares (idempotently) and opens the training split of the configured dataset.
 
-    With `data.only_class` set, the source holds only that class's records (a mixing.Part).
+    With `data.only_class` and/or `data.keep_class` / `keep_fraction` set, the source holds
+    only that subset of the records (a mixing.Part; see `mixing.training_subset`).
     """
     options = _dataset_options(data)
     builders.prepare(data.name, **options)
     source, spec = builders.load(data.name, data.train_split, **options)
-    only_class = data.get("only_class", "")
-    if only_class:
-        if only_class not in spec.class_names:
-            raise config_lib.ConfigError(
-                f"config.data.only_class: {only_class!r} is not a class of {spec.name} "
-                f"{list(spec.class_names)}"
-            )
-        labels = mixing.read_labels(source)
-        indices = mixing.class_indices(labels, only_class, spec.class_names)
-        source = mixing.Part(source, name=only_class, indices=indices)
-    return source, spec
+    return mixing.training_subset(source, spec, data), spec
 
 
 def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -214,20 +216,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         return {"samples/mean": float(images.mean()), "samples/std": float(images.std())}
 
     signature = {
-        "config_hash": config_lib.config_hash(
-            config,
-            # only_class enters through "dataset" when set, so older checkpoints still resume.
-            ignore=(
-                "train.log_every",
-                "data.num_workers",
-                "train.sample_every",
-                "sample",
-                "data.only_class",
-            ),
-        ),
+        "config_hash": config_lib.config_hash(config, ignore=HASH_IGNORE),
         "global_batch_size": int(config.train.global_batch_size),
         "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
-        + (f":only={config.data.only_class}" if config.data.get("only_class") else ""),
+        + mixing.subset_signature(config.data),
         "train_records": len(train_source),
     }
     checkpointer = checkpoint_lib.Checkpointer(

@@ -25,10 +25,19 @@ from absl import logging
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import parallel, report
-from cxrjax.data import builders, pipeline
+from cxrjax.data import builders, mixing, pipeline
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.train import gan, loop
 from cxrjax.train import results as results_lib
+
+# Fields outside the config hash that checks a resumed run is the same run. The subset fields
+# enter the signature's "dataset" string when set instead, so older checkpoints still resume.
+HASH_IGNORE = (
+    "train.log_every",
+    "data.num_workers",
+    "train.checkpoint_every",
+    *mixing.SUBSET_FIELDS,
+)
 
 
 def validate(config) -> None:
@@ -87,6 +96,7 @@ def validate(config) -> None:
     check(0.0 <= config.optim.b1 < 1.0, "optim.b1", "must be in [0, 1)")
     check(0.0 <= config.optim.b2 < 1.0, "optim.b2", "must be in [0, 1)")
     check(config.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0")
+    mixing.check_subset_options(config.data)
 
 
 def _phases(config) -> list[gan.Phase]:
@@ -168,6 +178,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         options["labels"] = data.labels
     builders.prepare(data.name, **options)
     train_source, spec = builders.load(data.name, data.train_split, **options)
+    # The scarce and/or one-class subset when data.keep_class / data.only_class are set.
+    train_source = mixing.training_subset(train_source, spec, data)
     max_resolution = int(data.resolution)
     generator, discriminator = gan.make_models(config.model, spec.num_classes, max_resolution)
     g_tx = d_tx = gan.make_optimizer(config.optim)
@@ -204,12 +216,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     )
     train_iter = GroupedBatches(base_iter)
     signature = {
-        "config_hash": config_lib.config_hash(
-            config, ignore=("train.log_every", "data.num_workers", "train.checkpoint_every")
-        ),
+        "config_hash": config_lib.config_hash(config, ignore=HASH_IGNORE),
         "global_batch_size": base_batch,
         "batch_sizes": {str(r): b for r, b in sizes.items()},
-        "dataset": f"{data.name}:{data.source_resolution}:{data.labels}",
+        "dataset": f"{data.name}:{data.source_resolution}:{data.labels}"
+        + mixing.subset_signature(data),
         "train_records": len(train_source),
     }
     checkpointer = checkpoint_lib.Checkpointer(
@@ -279,6 +290,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             if os.path.isdir(sampler.directory)
             else [],
             "class_names": list(spec.class_names),
+            "train_records": len(train_source),
             "history": history,
             "config": config_lib.to_dict(config),
             "software": results_lib.software_versions(),

@@ -102,3 +102,44 @@ def test_balanced_epoch_rounds_and_cycling():
         mixing.balanced_epoch(labels, 4, 10, seed=0, epoch=0)
     with pytest.raises(ValueError, match="multi-label"):
         mixing.balanced_epoch(np.eye(3)[labels], 3, 10, seed=0, epoch=0)
+
+
+def test_training_subset_keeps_the_scarce_fraction_then_one_class():
+    labels = np.array([0] * 20 + [1] * 10)
+    source = _source(labels)
+    spec = sources.DatasetSpec("toy", ("normal", "pneumonia"))
+    assert mixing.training_subset(source, spec, {}) is source  # Nothing set: the source itself.
+    data = {"keep_class": "normal", "keep_fraction": 0.25, "keep_seed": 3}
+    part = mixing.training_subset(source, spec, data)
+    expected = mixing.scarce_indices(labels, {"normal": 0.25}, seed=3, class_names=spec.class_names)
+    np.testing.assert_array_equal(part.selected(), expected)
+    assert np.sum(labels[part.selected()] == 0) == 5 and np.sum(labels[part.selected()] == 1) == 10
+    # Same seed, same subset whatever else is configured; only_class then narrows it.
+    normals = mixing.training_subset(source, spec, {**data, "only_class": "normal"})
+    np.testing.assert_array_equal(normals.selected(), expected[labels[expected] == 0])
+    assert mixing.subset_signature(data) == ":keep=normal@0.25/seed3"
+    assert mixing.subset_signature({"only_class": "normal"}) == ":only=normal"
+    assert mixing.subset_signature({"keep_class": "", "keep_fraction": 1.0}) == ""
+    with pytest.raises(ValueError, match="data.keep_class: 'cat' is not a class"):
+        mixing.training_subset(source, spec, {"keep_class": "cat"})
+    with pytest.raises(ValueError, match="data.keep_fraction"):
+        mixing.training_subset(source, spec, {"keep_class": "normal", "keep_fraction": 0.0})
+
+
+def test_relabelled_and_part_composition():
+    source = _source([0, 0, 1])
+    one_class = mixing.Relabelled(source, np.array([1, 1]))
+    assert [int(r["label"]) for r in one_class.__getitems__([0, 1, 2])] == [1, 1, 1]
+    multi_hot = mixing.Relabelled(source, np.eye(3, dtype=np.float32)[[2, 0]])
+    np.testing.assert_array_equal(multi_hot[2]["label"], [1, 0, 0])
+    real = mixing.Part(_source([0, 1, 1, 1]), name="real")
+    synth = mixing.Part(one_class, name="synthetic")
+    mixed = mixing.mix(real, synth, seed=0, count=2)
+    labels = mixed.select_labels([np.array([0, 1, 1, 1]), np.array([1, 1, 1])])
+    composition = mixing.part_composition(mixed, labels, ("normal", "pneumonia"))
+    assert composition == [
+        {"name": "real", "synthetic": False, "records": 4,
+         "per_class": {"normal": 1, "pneumonia": 3}},
+        {"name": "synthetic", "synthetic": True, "records": 2,
+         "per_class": {"normal": 0, "pneumonia": 2}},
+    ]  # fmt: skip
