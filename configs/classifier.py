@@ -62,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
             num_workers=0,
             balanced=False,
             skip_corrupt=False,
+            # Unreadable training images: "error" stops naming the record; "mask" swaps in the
+            # next readable one and counts it, stopping above max_bad_fraction of those seen.
+            bad_records="error",
+            max_bad_fraction=0.01,
             # Scarcity: keep `keep_fraction` of class `keep_class` of the training split ("" =
             # all records), chosen by `keep_seed` (mixing.scarce_indices), e.g. 10 % of normal.
             keep_class="",

@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
             keep_seed=0,
             num_workers=0,
             skip_corrupt=False,
+            # Unreadable training images: "error" stops naming the record; "mask" swaps in the
+            # next readable one and counts it, stopping above max_bad_fraction of those seen.
+            bad_records="error",
+            max_bad_fraction=0.01,
             # Generators learn the data as is: no geometric augmentation by default.
             augment=ml_collections.ConfigDict(
                 dict(

@@ -45,11 +45,15 @@ def base_config() -> ml_collections.ConfigDict:
             keep_seed=0,
             num_workers=0,
             skip_corrupt=False,
+            # Unreadable training images: "error" stops naming the record; "mask" swaps in the
+            # next readable one and counts it, stopping above max_bad_fraction of those seen.
+            bad_records="error",
+            max_bad_fraction=0.01,
             augment=ml_collections.ConfigDict(dict(enabled=False)),
         )
     )
     config.model = ml_collections.ConfigDict(
-        dict(name="demo32", conditional=True, mbstd_group_size=4)
+        dict(name="demo32", conditional=True, mbstd_group_size=4, dtype="float32")
     )
     config.loss = ml_collections.ConfigDict(dict(gp_weight=10.0, drift_weight=1e-3, cls_weight=1.0))
     config.optim = ml_collections.ConfigDict(

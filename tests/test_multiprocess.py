@@ -261,3 +261,34 @@ def test_one_process_checkpoint_resumes_on_two_processes(tmp_path, toy_straight)
         {"step": 12, "start_step": 4, "preempted": False}
     ] * 2
     _assert_toy_equal(tmp_path, toy_straight)
+
+
+_PREPARE = """
+import sys
+from cxrjax import parallel
+from cxrjax.data import builders
+parallel.initialize(sys.argv[1], 2, int(sys.argv[2]))
+source, spec = builders.load("pneumonia_mnist", "train", data_dir=sys.argv[3], resolution=12)
+print("RECORDS", len(source), spec.resolution)
+"""
+
+
+def test_two_processes_prepare_one_dataset_without_colliding(tmp_path):
+    # Both processes of a run ask for a dataset nobody has built yet: process 0 builds it, the
+    # other waits and reads it (before, both wrote the same directory and one crashed).
+    port = _free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE, f"localhost:{port}", str(i), str(tmp_path)],
+            env=_env(1),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=240) for w in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-2000:]
+        assert "RECORDS 2428 12" in out

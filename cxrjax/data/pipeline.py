@@ -38,6 +38,35 @@ HOST_ONLY_KEYS = ("id",)  # str arrays: keep on the host to match predictions to
 # ignores the mask sees a real image) and lets the loop count it (see loop.run's
 # max_bad_fraction). Batches carry `mask` only under "mask".
 BAD_RECORD_POLICIES = ("error", "mask")
+# Config fields (data.*) of the policy; a run may change them on resume (not in its hash).
+POLICY_FIELDS = ("data.bad_records", "data.max_bad_fraction")
+
+
+def check_bad_records(config) -> None:
+    """Validates data.bad_records / data.max_bad_fraction (absent = "error", 0.01)."""
+    from cxrjax import config as config_lib
+
+    data = config.data
+    if "bad_records" in data:
+        config_lib.check_choice(config, "data.bad_records", BAD_RECORD_POLICIES)
+    fraction = data.get("max_bad_fraction", 0.01)
+    config_lib.check(
+        isinstance(fraction, (int, float)) and 0.0 <= fraction < 1.0,
+        "data.max_bad_fraction",
+        f"must be in [0, 1), got {fraction!r}",
+    )
+
+
+def bad_record_options(data) -> dict[str, Any]:
+    """`make_train_iterator` keywords from a data config (default: stop on the first)."""
+    return {"bad_records": data.get("bad_records", "error")}
+
+
+def max_bad_fraction(data) -> float:
+    """`loop.run`'s max_bad_fraction from a data config."""
+    return float(data.get("max_bad_fraction", 0.01))
+
+
 # A "mask" pipeline looks this far ahead in the stream for a readable substitute.
 _MAX_SUBSTITUTE_DISTANCE = 64
 

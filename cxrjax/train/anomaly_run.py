@@ -55,6 +55,7 @@ def validate(config) -> None:
     )
     config_lib.check_choice(config, "encoder.output", encoder_lib.OUTPUTS)
     config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    pipeline.check_bad_records(config)
     config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
     config_lib.check_choice(config, "ddpm.metric", anomaly.METRICS)
     for field in (
@@ -274,6 +275,7 @@ def train_encoder(
         augment=config.data.augment,
         normalization="generator",
         num_workers=int(config.data.num_workers),
+        **pipeline.bad_record_options(config.data),
     )
     signature = {
         "config_hash": config_lib.config_hash(
@@ -284,6 +286,7 @@ def train_encoder(
                 "data.num_workers",
                 "eval",
                 "ddpm",
+                *pipeline.POLICY_FIELDS,
             ),
         ),
         "global_batch_size": batch_size,
@@ -319,6 +322,7 @@ def train_encoder(
             checkpoint_every=int(config.train.checkpoint_every),
             metadata={"signature": signature},
             nonfinite=config.train.nonfinite,
+            max_bad_fraction=pipeline.max_bad_fraction(config.data),
             label="train",
             stop_at=stop_at,
         )

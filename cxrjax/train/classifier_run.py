@@ -77,6 +77,7 @@ def validate(config) -> None:
     config_lib.check_choice(config, "loss.class_weighting", ("none", "balanced"))
     config_lib.check_choice(config, "train.select", ("best", "last"))
     config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    pipeline.check_bad_records(config)
     config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
     for field in (
         "data.resolution",
@@ -161,7 +162,13 @@ def load_splits(data) -> tuple[dict[str, Any], sources.DatasetSpec]:
 # rather than the config hash, so runs from before they existed still resume.
 SIGNATURE_DATA_FIELDS = (*mixing.SUBSET_FIELDS, "data.synthetic")
 # Fields outside the config hash that checks a resumed run is the same run.
-HASH_IGNORE = ("train.log_every", "data.num_workers", "eval.bootstrap", *SIGNATURE_DATA_FIELDS)
+HASH_IGNORE = (
+    "train.log_every",
+    "data.num_workers",
+    "eval.bootstrap",
+    *SIGNATURE_DATA_FIELDS,
+    *pipeline.POLICY_FIELDS,
+)
 
 
 def _synthetic_active(data) -> bool:
@@ -332,6 +339,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         balanced=config.data.balanced,
         labels=train_labels,
         num_workers=config.data.num_workers,
+        **pipeline.bad_record_options(config.data),
     )
 
     def eval_batches(split):
@@ -393,6 +401,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             best_metric="val/auc",
             metadata={"signature": signature},
             nonfinite=config.train.nonfinite,
+            max_bad_fraction=pipeline.max_bad_fraction(config.data),
             stop_at=stop_at,
         )
         if outcome.preempted or outcome.step < num_steps:

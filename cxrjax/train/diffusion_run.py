@@ -43,6 +43,7 @@ HASH_IGNORE = (
     "train.sample_every",
     "sample",
     *mixing.SUBSET_FIELDS,
+    *pipeline.POLICY_FIELDS,
 )
 
 
@@ -55,6 +56,7 @@ def validate(config) -> None:
     config_lib.check_choice(config, "diffusion.schedule", NOISE_SCHEDULES)
     config_lib.check_choice(config, "diffusion.prediction", PREDICTIONS)
     config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    pipeline.check_bad_records(config)
     for field in (
         "data.resolution",
         "diffusion.num_timesteps",
@@ -194,6 +196,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         augment=config.data.augment,
         normalization="generator",
         num_workers=config.data.num_workers,
+        **pipeline.bad_record_options(config.data),
     )
 
     # Fixed noise and labels for every grid: one row per class, the same x_T at every step.
@@ -253,6 +256,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             eval_fn=sample_fn if config.train.sample_every else None,
             metadata={"signature": signature},
             nonfinite=config.train.nonfinite,
+            max_bad_fraction=pipeline.max_bad_fraction(config.data),
             stop_at=stop_at,
         )
         if outcome.preempted or outcome.step < num_steps:

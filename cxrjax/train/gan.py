@@ -37,6 +37,7 @@ MODELS = {
     "official1024": (pggan.GeneratorOfficial1024, pggan.DiscriminatorOfficial1024),
 }
 RESET_CHOICES = ("phase", "resolution", "never")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FADE, STABLE = "fade", "stable"
 
 
@@ -156,11 +157,14 @@ def make_models(model_config: Mapping[str, Any], num_classes: int, max_resolutio
     """(G, D) from the config: preset, conditional (AC-GAN) flag, minibatch-stddev group."""
     g_cls, d_cls = MODELS[model_config["name"]]
     k = num_classes if model_config["conditional"] else 0
-    generator = g_cls(max_resolution=max_resolution, num_classes=k)
+    # bf16 compute, fp32 parameters; the losses and gradient penalty are computed in fp32.
+    dtype = DTYPES[model_config.get("dtype", "float32")]
+    generator = g_cls(max_resolution=max_resolution, num_classes=k, dtype=dtype)
     discriminator = d_cls(
         max_resolution=max_resolution,
         num_classes=k,
         mbstd_group_size=model_config["mbstd_group_size"],
+        dtype=dtype,
     )
     return generator, discriminator
 

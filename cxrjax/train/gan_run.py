@@ -37,6 +37,7 @@ HASH_IGNORE = (
     "data.num_workers",
     "train.checkpoint_every",
     *mixing.SUBSET_FIELDS,
+    *pipeline.POLICY_FIELDS,
 )
 
 
@@ -45,8 +46,11 @@ def validate(config) -> None:
     check = config_lib.check
     config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
     config_lib.check_choice(config, "model.name", tuple(gan.MODELS))
+    if "dtype" in config.model:
+        config_lib.check_choice(config, "model.dtype", tuple(gan.DTYPES))
     config_lib.check_choice(config, "optim.reset_opt", gan.RESET_CHOICES)
     config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
+    pipeline.check_bad_records(config)
     resolution = config.data.resolution
     check(
         isinstance(resolution, int)
@@ -213,6 +217,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         augment=data.augment,
         normalization="generator",
         num_workers=data.num_workers,
+        **pipeline.bad_record_options(config.data),
     )
     train_iter = GroupedBatches(base_iter)
     signature = {
@@ -268,6 +273,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                 checkpoint_every=config.train.checkpoint_every,
                 metadata={"signature": signature, "phase": phase.index},
                 nonfinite=config.train.nonfinite,
+                max_bad_fraction=pipeline.max_bad_fraction(config.data),
                 label="train",
                 stop_at=stop_at,
             )

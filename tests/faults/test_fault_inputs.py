@@ -70,3 +70,40 @@ def test_above_the_allowed_fraction_the_run_stops(tmp_path):
             str(tmp_path), corrupt=tuple(range(0, 64, 8)), bad_records="mask",
             max_bad_fraction=0.05,
         )  # fmt: skip
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("job", ["classifier", "pggan", "ddpm"])
+def test_trainers_take_the_policy_from_their_config(job, shipped_data_dir, tmp_path, monkeypatch):
+    import importlib
+
+    from cxrjax import config as config_lib
+
+    configs = importlib.import_module(f"configs.{job}")
+    driver = importlib.import_module(
+        {
+            "classifier": "cxrjax.train.classifier_run",
+            "pggan": "cxrjax.train.gan_run",
+            "ddpm": "cxrjax.train.diffusion_run",
+        }[job]
+    )
+    config = configs.get_config("tiny")
+    config.data.data_dir = shipped_data_dir
+    config.data.bad_records = "skip"
+    with pytest.raises(config_lib.ConfigError, match="data.bad_records"):
+        driver.validate(config)
+    config.data.bad_records = "mask"
+    config.data.max_bad_fraction = 1.5
+    with pytest.raises(config_lib.ConfigError, match="data.max_bad_fraction"):
+        driver.validate(config)
+    config.data.max_bad_fraction = 0.2
+
+    def capture(*args, **kwargs):
+        raise _Captured(kwargs.get("bad_records"))
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", capture)
+    with pytest.raises(_Captured, match="mask"):
+        driver.train_and_evaluate(config, str(tmp_path / job))

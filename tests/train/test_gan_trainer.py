@@ -232,3 +232,28 @@ def test_per_resolution_batches_resume_across_the_batch_change(shipped_data_dir,
         strict=True,
     ):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bf16_compute_option_traces_with_fp32_params(tmp_path):
+    config = tiny_config(str(tmp_path))
+    config.model.dtype = "float16"
+    with pytest.raises(config_lib.ConfigError, match="model.dtype"):
+        gan_run.validate(config)
+    model_config = dict(name="tiny", conditional=True, mbstd_group_size=2, dtype="bfloat16")
+    generator, discriminator = gan.make_models(model_config, num_classes=2, max_resolution=8)
+    assert generator.dtype == discriminator.dtype == jnp.bfloat16
+    tx = gan.make_optimizer(dict(lr=1e-3, b1=0.0, b2=0.99, eps=1e-8))
+    state = jax.eval_shape(
+        lambda key: gan.init_state(generator, discriminator, tx, tx, key), jax.random.PRNGKey(0)
+    )
+    assert {x.dtype for x in jax.tree.leaves(state.g_params)} == {jnp.dtype(jnp.float32)}
+    step = gan.make_train_step(
+        generator, discriminator, (tx, tx), 8, fade_images=8, stable_images=8
+    )
+    batch = {
+        "image": jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32),
+        "label": jax.ShapeDtypeStruct((4,), jnp.int32),
+    }
+    new_state, metrics = jax.eval_shape(step, state, batch, jax.random.PRNGKey(1))
+    assert {x.dtype for x in jax.tree.leaves(new_state.g_params)} == {jnp.dtype(jnp.float32)}
+    assert metrics["g/g_loss"].dtype == jnp.float32

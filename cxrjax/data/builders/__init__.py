@@ -125,7 +125,23 @@ def prepare(name: str, *, overwrite: bool = False, **options) -> tfds.core.Datas
     skip_corrupt=True skips unreadable images (each logged, all listed in the metadata under
     "skipped_corrupt"); otherwise the first one fails the build, named. overwrite=True
     rebuilds from scratch. Raises DatasetError with the expected layout for bad input.
+
+    In a multi-process run process 0 builds first while the others wait at a barrier, then
+    they open what it wrote (or, on a host without a shared data_dir, build their own copy):
+    several processes writing one dataset directory at once would collide.
     """
+    import jax
+
+    if jax.process_count() == 1:
+        return _prepare(name, overwrite=overwrite, **options)
+    from cxrjax import parallel
+
+    builder = _prepare(name, overwrite=overwrite, **options) if jax.process_index() == 0 else None
+    parallel.sync(f"cxrjax-prepare-{name}")
+    return builder or _prepare(name, overwrite=False, **options)
+
+
+def _prepare(name: str, *, overwrite: bool, **options) -> tfds.core.DatasetBuilder:
     builder = make_builder(name, **options)
     if not isinstance(builder, common.Builder):  # A prepared image_folder, read back.
         if overwrite:
