@@ -214,7 +214,8 @@ def load_synthetic(data, spec: sources.DatasetSpec) -> tuple[list[mixing.Part], 
         if not builder.info.splits[split].num_examples:
             continue
         source = mixing.Relabelled(builder.as_data_source(split=split), table)
-        parts.append(mixing.Part(source, name=f"synthetic:{split}", synthetic=True))
+        name = f"synthetic ({own.name}, {split} part)"
+        parts.append(mixing.Part(source, name=name, synthetic=True))
         labels.append(table[mixing.read_labels(source.source)])
     if not parts:
         raise config_lib.ConfigError(
