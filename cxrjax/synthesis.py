@@ -86,13 +86,14 @@ def load_generator(
     sampler: str = "ddim",
     steps: int = 50,
     guidance: float | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
 ) -> tuple[Callable[[jax.Array, np.ndarray], np.ndarray], dict[str, Any]]:
     """(sample_fn(rng, labels) -> uint8 [B, H, W], info) from the latest checkpoint's EMA params.
 
     PGGAN samples at the run's max resolution with alpha = 1 (latents drawn from `rng`); DDPM
     samples by DDIM with `steps` and `eta`, or sampler="ddpm" (all T steps, eta = 1).
-    `guidance` None uses the run's config.sample.guidance_scale (DDPM only).
+    `guidance` / `eta` None use the run's config.sample.guidance_scale / sample.eta (DDPM only;
+    runs without sample.eta used eta = 0).
     """
     if kind not in GENERATORS:
         raise ValueError(f"generator must be one of {GENERATORS}, got {kind!r}")
@@ -132,6 +133,8 @@ def load_generator(
         if sampler == "ddpm":
             steps, eta = int(config.diffusion.num_timesteps), 1.0
         guidance = float(config.sample.guidance_scale if guidance is None else guidance)
+        if eta is None:
+            eta = float(config.sample.get("eta", 0.0))
         sample = jax.jit(
             diffusion_train.make_sample_fn(
                 model,
@@ -186,7 +189,7 @@ def synthesize(
     sampler: str = "ddim",
     steps: int = 50,
     guidance: float | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
 ) -> dict[str, Any]:
     """Writes `num_images` PNGs under output/<class_name>/ plus output/provenance.json.
 

@@ -202,6 +202,7 @@ def compile_steps(
     image_shape,
     sample_steps,
     guidance_scale=0.0,
+    sample_eta=0.0,
 ):
     """Jits train/sample once: batch sharded over "data", state replicated and donated.
 
@@ -233,6 +234,7 @@ def compile_steps(
             steps=sample_steps,
             prediction=prediction,
             guidance_scale=guidance_scale,
+            eta=sample_eta,
         ),
         in_shardings=(replicated, replicated, replicated),
         out_shardings=replicated,

@@ -186,6 +186,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         image_shape=image_shape,
         sample_steps=int(config.sample.steps),
         guidance_scale=float(config.sample.guidance_scale),
+        sample_eta=float(config.sample.get("eta", 0.0)),
     )
     train_iter = pipeline.make_train_iterator(
         train_source,
