@@ -227,9 +227,7 @@ def _full_scale(config, *, dataset: str, labels: str, resolution: int) -> None:
         pggan.data.update(resolution=gen_resolution, source_resolution=resolution, num_workers=8)
         pggan.model.update(name="official1024", mbstd_group_size=4)
         pggan.schedule.update(fade_images=600_000, stable_images=600_000)
-        pggan.train.update(
-            global_batch_size=64, batch_sizes="4:256,64:128,128:64", checkpoint_every=2000
-        )
+        pggan.train.update(global_batch_size=64, checkpoint_every=2000)
     unet = "unet_128" if resolution <= 128 else "unet_256"
     for name in ("ddpm", "anomaly_ddpm"):
         ddpm = config[name]

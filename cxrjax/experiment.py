@@ -67,26 +67,47 @@ class Preempted(Exception):
         self.where = where
         self.signal_name = signal_name or "signal"
         super().__init__(
-            f"preempted ({self.signal_name}) during {where}; finished sub-runs and the last "
+            f"preempted ({self.signal_name}) {where}; finished sub-runs and the last "
             "checkpoint are saved. Re-run the same command to resume."
         )
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT -> a flag polled between sub-runs (training loops install their own)."""
+    """SIGTERM/SIGINT -> a flag polled between sub-runs.
+
+    Training loops install their own handlers while they run (they save and return
+    "preempted"), and a signal landing in a loop's last moments (its final save) is taken by
+    the loop's handler without stopping anything. So the flag also watches the interpreter's
+    wakeup fd, which receives every handled signal's number whichever handler is installed.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._previous_fd: int | None = None
+        self._pipe: tuple[int, int] | None = None
         self.signal_name: str | None = None
 
     def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self._SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._pipe = (read_fd, write_fd)
+        self._previous_fd = signal.set_wakeup_fd(write_fd)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -95,7 +116,20 @@ class _StopFlag:
         self.signal_name = signal.Signals(signum).name
         self._event.set()
 
+    def _drain(self) -> None:
+        if self._pipe is None:
+            return
+        try:
+            data = os.read(self._pipe[0], 4096)
+        except BlockingIOError:
+            return
+        for number in data:
+            if number in self._SIGNALS:
+                self.signal_name = self.signal_name or signal.Signals(number).name
+                self._event.set()
+
     def check(self, where: str) -> None:
+        self._drain()
         if self._event.is_set():
             raise Preempted(where, self.signal_name)
 
@@ -332,7 +366,8 @@ def _log(stage: int, message: str, *args) -> None:
 
 def _finished(result: Mapping[str, Any], name: str, stop: _StopFlag) -> Mapping[str, Any]:
     if result.get("finished") is False:
-        raise Preempted(f"{name} (step {result.get('step')})", "SIGTERM/SIGINT")
+        stop._drain()
+        raise Preempted(f"during {name} (step {result.get('step')})", stop.signal_name)
     stop.check(f"after {name}")
     return result
 
@@ -433,7 +468,7 @@ def prepare_data(config, workdir: str, stop: _StopFlag) -> dict[str, Any]:
         config.scarcity.class_name,
         len(kept),
     )
-    stop.check("data preparation")
+    stop.check("after data preparation")
     return {"info": info, "splits": splits, "spec": spec, "labels": labels, "kept": kept}
 
 
@@ -533,7 +568,7 @@ def synthesize_all(config, workdir, data, generators, stop) -> dict[str, Any]:
             "provenance": provenance,
             "wall_time_s": results_lib.elapsed(start),
         }
-        stop.check(f"synthesis with {kind}")
+        stop.check(f"after synthesis with {kind}")
     return out
 
 
@@ -634,7 +669,7 @@ def evaluate_quality(config, workdir, data, synthetic, stop) -> dict[str, Any]:
             kid_subset_size=int(q.kid_subset_size),
             kid_subsets=int(q.kid_subsets),
         )
-        stop.check(f"quality of {kind}")
+        stop.check(f"after the quality report of {kind}")
     _sync("quality")
     return out
 
