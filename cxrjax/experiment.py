@@ -559,6 +559,13 @@ def synthesize_all(config, workdir, data, generators, stop) -> dict[str, Any]:
                     config=config,
                 )
                 quality_folders[name] = quality_folder
+        if parallel.is_main_process():
+            # Prepared once here (the arms then only read it), not by every process at once.
+            from cxrjax.train import classifier_run
+
+            arm = classifier_config(config, kind, 0, workdir)
+            classifier_run.load_synthetic(arm.data, spec)
+        _sync(f"prepared {folder}")
         out[kind] = {
             "folder": folder,
             "count": int(count),
@@ -1127,13 +1134,8 @@ def markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
             "",
         ]
     lines += ["## Figures", ""]
-    captions = {
-        "roc_arms": "Test ROC curves per arm (seed-averaged scores)",
-        "curves_classifier_loss": "Classifier training loss per arm (seed 0)",
-        "curves_classifier_auc": "Validation AUC per arm (seed 0)",
-    }
     for name, path in figures.items():
-        caption = captions.get(name, name.replace("_", " "))
+        caption = figure_caption(name)
         lines += [f"**{caption}** (`{path}`)", "", f"![{caption}]({path})", ""]
     lines += [
         "## Where each number comes from",
@@ -1152,6 +1154,36 @@ def markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def figure_caption(name: str) -> str:
+    """A reader's caption for a figure name from `make_figures`."""
+    fixed = {
+        "roc_arms": "Test ROC curves per arm (seed-averaged scores)",
+        "curves_classifier_loss": "Classifier training loss per arm (seed 0)",
+        "curves_classifier_auc": "Validation AUC per arm (seed 0)",
+        "curves_pggan": "PGGAN training losses (scarce split)",
+        "curves_ddpm": "DDPM training loss (scarce split)",
+        "curves_anomaly_pggan_normal": "Normal-only PGGAN training losses (for f-AnoGAN)",
+        "curves_anomaly_ddpm_normal": "Normal-only DDPM training loss (for anomaly detection)",
+    }
+    if name in fixed:
+        return fixed[name]
+    head, _, rest = name.partition("_")
+    kind = {"pggan": "PGGAN", "ddpm": "DDPM"}.get(head)
+    if kind and rest.startswith("samples_"):
+        label = rest.removeprefix("samples_")
+        return f"{kind}: real {label} images (top row) vs synthetic (bottom row)"
+    if kind and rest.startswith("embedding_"):
+        method = rest.removeprefix("embedding_").upper()
+        return f"{kind}: real vs synthetic features ({method})"
+    if kind and rest == "nearest_pairs":
+        return f"{kind} memorisation check: closest synthetic (left) / training (right) pairs"
+    if head == "anomaly":
+        method, _, figure = rest.rpartition("_")
+        what = {"roc": "ROC (val, test)", "residuals": "input / reconstruction / residual"}
+        return f"Anomaly detection, {method}: {what.get(figure, figure)}"
+    return name.replace("_", " ")
 
 
 def _duration(seconds: float) -> str:
