@@ -172,14 +172,18 @@ def _smoke(config) -> None:
 def _demo(config) -> None:
     """The shipped data at 32 px, sized from step times measured on the shared 2-core CPU.
 
-    Measured 2026-11 (load 2-4, one process, XLA CPU): DenseNetTiny at 32 px, batch 32:
-    ~6-9 steps/s; PGGAN demo32, batch 16: 112 steps (256 images per phase, 7 phases) in
-    ~150 s; DDPM unet_demo32, batch 32: ~2 s/step; its 20-step DDIM sampling ~0.3 s/image.
+    Measured 2026-11-26 (load ~4 from other jobs, one process, XLA CPU) in a first demo run
+    (PGGAN 256 images per phase, DDPM 100 steps): whole command 20 min 10 s; PGGAN 112 steps
+    105 s; DDPM unet_demo32 100 steps of 32: 232 s (~1.8 s/step); its 20-step DDIM synthesis of
+    614 images 130 s; a DenseNetTiny arm (150 steps of 32 at 32 px, eval, 1000 bootstraps)
+    15-23 s, 15 arms 302 s; normal-only PGGAN (192 per phase) 101 s, DDPM (60 steps) 169 s,
+    f-AnoGAN 67 s, DDPM scoring 83 s. The generators below are ~2x longer (est. ~27 min):
+    their 100-step / EMA-0.999 versions gave noise-like samples.
     """
     config.data.resolution = 32
     config.seeds = 3
     # 1214 normals in the shipped train split: keep 121, synthesize 486 (to half the count).
-    config.synthesis.update(balance=0.5, quality_per_class=128, steps=20)
+    config.synthesis.update(balance=0.5, quality_per_class=64, steps=20)
     config.quality.update(kid_subset_size=100, kid_subsets=50)
     cls = config.classifier
     cls.data.resolution = 32
@@ -188,18 +192,21 @@ def _demo(config) -> None:
     )
     cls.optim.update(lr=2e-3, warmup_steps=15)
     cls.eval.update(batch_size=128, bootstrap=1000)
-    # PGGAN 32 px, 256 images per phase (the standalone demo: 704): ~2.5 min.
-    config.pggan.schedule.update(fade_images=256, stable_images=256)
-    config.pggan.train.update(log_every=16)
-    # DDPM 32 px, 100 steps of 32 (the standalone demo: 300): ~3.5 min.
-    config.ddpm.train.update(num_steps=100, log_every=10, checkpoint_every=50, sample_every=0)
+    # PGGAN 32 px, 512 images per phase (224 steps; the standalone demo: 2048), EMA 0.95: an
+    # EMA of 0.99 or more still holds much of the initial weights after so few steps.
+    config.pggan.schedule.update(fade_images=512, stable_images=512)
+    config.pggan.optim.ema_decay = 0.95
+    config.pggan.train.update(log_every=32, checkpoint_every=64)
+    # DDPM 32 px, 200 steps of 32 (the standalone demo: 500); stochastic DDIM (eta = 1).
+    config.ddpm.train.update(num_steps=200, log_every=20, checkpoint_every=50, sample_every=0)
     config.ddpm.optim.update(warmup_steps=20)
     config.ddpm.sample.update(steps=20)
-    # Normal-only generators for anomaly detection, shorter still (~2 + ~2 min).
-    config.anomaly_pggan.schedule.update(fade_images=192, stable_images=192)
-    config.anomaly_pggan.train.update(log_every=12)
+    # Normal-only generators for anomaly detection, shorter still.
+    config.anomaly_pggan.schedule.update(fade_images=384, stable_images=384)
+    config.anomaly_pggan.optim.ema_decay = 0.95
+    config.anomaly_pggan.train.update(log_every=24, checkpoint_every=48)
     config.anomaly_ddpm.train.update(
-        num_steps=60, log_every=10, checkpoint_every=30, sample_every=0
+        num_steps=100, log_every=20, checkpoint_every=50, sample_every=0
     )
     config.anomaly_ddpm.optim.update(warmup_steps=10)
     config.anomaly_ddpm.sample.update(steps=20)
