@@ -225,3 +225,32 @@ def test_presets_validate_and_plan_every_sub_run(preset, tmp_path):
     if preset == "nih14_224":  # multi-label: unconditional generators of the rare finding
         assert runs["pggan"][2].data.only_class == "Hernia"
         assert runs["arms/pggan/seed0"][2].data.synthetic.label == "Hernia"
+
+
+def test_delong_target_and_headline_for_each_label_kind():
+    import numpy as np
+
+    from cxrjax.metrics import classification as cls_metrics
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1, 1], 60)
+    binary = {"class_names": ["normal", "pneumonia"], "label_kind": "multiclass"}
+    y, s = experiment.target_scores(np.arange(60) % 2, probs[:, :2], binary, "normal")
+    np.testing.assert_array_equal(y, np.arange(60) % 2)  # the positive class, as evaluate
+    np.testing.assert_array_equal(s, probs[:, 1])
+    three = {"class_names": ["normal", "bacteria", "virus"], "label_kind": "multiclass"}
+    labels = np.arange(60) % 3
+    y, s = experiment.target_scores(labels, probs, three, "virus")  # one-vs-rest, scarce class
+    np.testing.assert_array_equal(y, labels == 2)
+    np.testing.assert_array_equal(s, probs[:, 2])
+    multi = {"class_names": ["Hernia", "Mass", "Nodule"], "label_kind": "multilabel"}
+    hot = (rng.random((60, 3)) > 0.5).astype(np.float32)
+    y, s = experiment.target_scores(hot, probs, multi, "Hernia")
+    np.testing.assert_array_equal(y, hot[:, 0])
+    result = cls_metrics.evaluate(labels, probs, class_names=three["class_names"], n_bootstrap=20)
+    head = experiment.headline(result)
+    assert head["auc"] == result["macro"]["auc"] and head["accuracy"] == result["accuracy"]
+    assert set(experiment.scarce_class_metrics(result, "virus")) >= set(experiment.METRICS)
+    assert experiment.verdict(0.02, 0.01, 0.05) == "higher AUC"
+    assert experiment.verdict(-0.02, 0.01, 0.05) == "lower AUC"
+    assert experiment.verdict(0.02, 0.2, 0.05) == "no detectable difference"
