@@ -28,13 +28,13 @@ Presets (times: see each preset's comment; the machine a time was measured on is
   smoke               same code path, tiny models at 16 px, 2 seeds: <= 3 min on a 2-core CPU
                       (the test). Numbers are meaningless.
   demo                the README quick start: the shipped PneumoniaMNIST subset at 32 px on a
-                      2-core CPU, <= 30 min end to end. Generators train for minutes, not days:
-                      expect them not to help, and the report to say so.
+                      2-core CPU, measured 19 min 55 s end to end (see _demo). Generators train
+                      for minutes, not days: expect them not to help, and the report to say so.
   kermany_binary_128  Kermany normal vs pneumonia, 128 px; kermany_binary_256 at 256 px.
   kermany_3class_128  normal / bacterial / viral, 128 px; kermany_3class_256 at 256 px.
   nih14_224           NIH ChestX-ray14, 14 findings (multi-label), 224 px; scarcity on a rare
-                      finding (Hernia: keep 10 % of its ~200 training images); unconditional
-                      generators trained on that finding's kept images.
+                      finding (Hernia, the rarest: ~230 images in the dataset; keep 10 %);
+                      unconditional generators trained on that finding's kept images.
 The full-scale presets are for multi-GPU hosts; their expected runtimes are estimates, not
 measurements (see the comments in get_config).
 """
@@ -172,13 +172,15 @@ def _smoke(config) -> None:
 def _demo(config) -> None:
     """The shipped data at 32 px, sized from step times measured on the shared 2-core CPU.
 
-    Measured 2026-11-26 (load ~4 from other jobs, one process, XLA CPU) in a first demo run
-    (PGGAN 256 images per phase, DDPM 100 steps): whole command 20 min 10 s; PGGAN 112 steps
-    105 s; DDPM unet_demo32 100 steps of 32: 232 s (~1.8 s/step); its 20-step DDIM synthesis of
-    614 images 130 s; a DenseNetTiny arm (150 steps of 32 at 32 px, eval, 1000 bootstraps)
-    15-23 s, 15 arms 302 s; normal-only PGGAN (192 per phase) 101 s, DDPM (60 steps) 169 s,
-    f-AnoGAN 67 s, DDPM scoring 83 s. The generators below are ~2x longer (est. ~27 min):
-    their 100-step / EMA-0.999 versions gave noise-like samples.
+    Measured 2026-11-26 on this project's 2-core CPU (shared with other jobs; one process, XLA
+    CPU): this preset took 19 min 55 s end to end at load ~1.5-2.5 (stage 1 10:05, stage 2
+    3:22, stage 3 6:24): PGGAN 224 steps 145 s, DDPM 200 steps of 32 330 s, DDPM 20-step
+    DDIM synthesis of 614 images 120 s, 15 DenseNetTiny arms (150 steps of 32, eval, 1000
+    bootstraps) 12-18 s each, normal-only PGGAN 94 s and DDPM (100 steps) 179 s, f-AnoGAN 51 s,
+    DDPM scoring 59 s. A first version with generators half as long (PGGAN 256 images per
+    phase with EMA 0.999, DDPM 100 steps) took 20 min 10 s at load ~4 and gave noise-like
+    synthetic images. Result of the measured run: PGGAN synthetic data made no detectable
+    difference (AUC +0.001, p = 0.71), DDPM synthetic data hurt (AUC -0.28, p < 0.001).
     """
     config.data.resolution = 32
     config.seeds = 3
@@ -272,11 +274,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             raise ValueError(f"unknown experiment preset {preset!r}")
         _full_scale(config, dataset="kermany_pneumonia", labels=kind, resolution=int(size))
     elif preset == "nih14_224":
-        # NIH ChestX-ray14: ~86.5k train+val images, 25.6k test. Hernia (~200 training images)
-        # is the scarce finding. Estimated (not measured): a DenseNet121 arm of 30k x 64 images
-        # at 224 px ~20-30 min on one H200 (1940 img/s), 15 runs ~6-8 h; the generators train
-        # on ~20 kept Hernia images (overfitting is the expected finding: see the memorisation
-        # rate) for the same budgets as Kermany: ~1-3 days on one H200, ~0.5 day on 8 GPUs.
+        # NIH ChestX-ray14: ~86.5k train+val images, 25.6k test. Hernia, the rarest finding
+        # (~230 images in the whole dataset), is the scarce one: 10 % of its training images
+        # are kept, a few dozen at most. Estimated (not measured): a DenseNet121 arm of 30k x 64
+        # images at 224 px ~20-30 min on one H200 (1940 img/s), 15 runs ~6-8 h; the generators
+        # (overfitting is the expected finding: see the memorisation rate) for the same budgets
+        # as Kermany: ~1-3 days on one H200, ~0.5 day on 8 GPUs.
         _full_scale(config, dataset="nih_chest_xray14", labels="", resolution=224)
         classifier = _family("classifier")
         cls = classifier.get_config("nih14")
