@@ -1037,7 +1037,7 @@ def markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
         f"{info['split_sizes']['train']}, val {info['split_sizes']['val']}, test "
         f"{info['split_sizes']['test']} at {info['resolution']} px. "
         f"{cfg['seeds']} seeds per arm. Wall time {_duration(results['wall_time_s']['total'])} "
-        f"in the last session ({results['device']['device_kind']}, "
+        f"in the invocation that finished the run ({results['device']['device_kind']}, "
         f"{results['device']['device_count']} device(s)).",
         "",
         "## Did synthetic data help?",
@@ -1146,7 +1146,7 @@ def markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
         f"- Reported metrics: the {cfg['data']['test_split']!r} split, read once per run.",
         f"- Synthetic quality: real {cfg['quality']['real_split']!r} images.",
         "",
-        "Stage wall times (this session): "
+        "Stage wall times (the invocation that finished the run): "
         + ", ".join(f"{k} {_duration(v)}" for k, v in results["wall_time_s"].items())
         + ". Software: "
         + ", ".join(f"{k} {v}" for k, v in results["software"].items())
