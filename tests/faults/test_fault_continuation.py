@@ -73,12 +73,11 @@ def final_checkpoint(workdir):
     return step, state, data
 
 
-# Every trainer at 1 device; 2 devices for the classifier (each case costs three short runs
-# of compiles; the device-count handling is the shared loop/pipeline, also run at 2 devices by
-# test_fault_process.py's toy trainer, and at 4 by tests/train/).
+# Every trainer at 1 and 2 devices (each case costs three short runs of compiles); at 4 devices
+# the trainers' own resume tests in tests/train/ cover it.
 @pytest.mark.parametrize(
     ("trainer", "num_devices"),
-    [("classifier", 1), ("classifier", 2), ("pggan", 1), ("ddpm", 1)],
+    [("classifier", 1), ("classifier", 2), ("pggan", 1), ("pggan", 2), ("ddpm", 1), ("ddpm", 2)],
 )
 def test_stop_and_resume_equals_uninterrupted(
     shipped_data_dir, tmp_path, monkeypatch, trainer, num_devices
