@@ -25,6 +25,7 @@ bootstrap CIs over test images, and writes results.json, results.md, roc.png, re
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import functools
@@ -131,7 +132,7 @@ def class_label(class_name: str, class_names: Sequence[str], conditional: bool) 
 
 
 # ----------------------------------------------------------------------------- scorers
-class Scorer:
+class Scorer(abc.ABC):
     """Base of the anomaly scorers: `outputs` per batch, `__call__` -> (scores, maps).
 
     Subclasses set `method`, `resolution` (input size), `info` (JSON-able description) and
@@ -145,8 +146,9 @@ class Scorer:
     resolution: int = 0
     info: dict[str, Any] = {}
 
+    @abc.abstractmethod
     def outputs(self, images, labels=None, indices=None) -> dict[str, Any]:
-        raise NotImplementedError
+        """The per-batch outputs described in the class docstring."""
 
     def __call__(self, images, labels=None, *, indices=None) -> tuple[np.ndarray, np.ndarray]:
         out = parallel.to_host(self.outputs(images, labels, indices))
