@@ -113,7 +113,7 @@ def build_pggan(mesh):
     from configs import pggan as pggan_configs
     from cxrjax import parallel
     from cxrjax.models import pggan
-    from cxrjax.train import gan
+    from cxrjax.train import gan, gan_run
 
     if REMAT.value:
         raise ValueError("PGGAN has no remat option")
@@ -132,19 +132,7 @@ def build_pggan(mesh):
     rng = jax.random.PRNGKey(0)
     abstract = jax.eval_shape(init_fn, rng)
     steps = gan.CompiledSteps(
-        functools.partial(
-            gan.make_train_step,
-            generator,
-            discriminator,
-            (tx, tx),
-            fade_images=int(config.schedule.fade_images),
-            stable_images=int(config.schedule.stable_images),
-            gp_weight=config.loss.gp_weight,
-            drift_weight=config.loss.drift_weight,
-            cls_weight=config.loss.cls_weight,
-            ema_decay=config.optim.ema_decay,
-            reset_opt=config.optim.reset_opt,
-        ),
+        gan_run.step_factory(config, generator, discriminator, (tx, tx)),
         mesh,
         abstract,
     )

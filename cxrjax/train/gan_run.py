@@ -114,6 +114,23 @@ def phase_end_step(phase: gan.Phase, global_batch_size: int) -> int:
     return math.ceil(phase.end / global_batch_size)
 
 
+def step_factory(config, generator, discriminator, txs):
+    """`resolution -> train_step` with the config's schedule, loss weights, EMA and resets."""
+    return functools.partial(
+        gan.make_train_step,
+        generator,
+        discriminator,
+        txs,
+        fade_images=int(config.schedule.fade_images),
+        stable_images=int(config.schedule.stable_images),
+        gp_weight=config.loss.gp_weight,
+        drift_weight=config.loss.drift_weight,
+        cls_weight=config.loss.cls_weight,
+        ema_decay=config.optim.ema_decay,
+        reset_opt=config.optim.reset_opt,
+    )
+
+
 def batch_sizes(config) -> dict[int, int]:
     """Global batch per resolution: `train.batch_sizes` ("4:64,128:16") or the one batch."""
     return gan.parse_batch_sizes(
@@ -192,19 +209,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     abstract = jax.eval_shape(init_fn, rng)
     replicated = parallel.replicated(mesh)
     steps = gan.CompiledSteps(
-        functools.partial(
-            gan.make_train_step,
-            generator,
-            discriminator,
-            (g_tx, d_tx),
-            fade_images=int(config.schedule.fade_images),
-            stable_images=int(config.schedule.stable_images),
-            gp_weight=config.loss.gp_weight,
-            drift_weight=config.loss.drift_weight,
-            cls_weight=config.loss.cls_weight,
-            ema_decay=config.optim.ema_decay,
-            reset_opt=config.optim.reset_opt,
-        ),
+        step_factory(config, generator, discriminator, (g_tx, d_tx)),
         mesh,
         abstract,
     )
