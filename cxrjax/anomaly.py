@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 
 from cxrjax import config as config_lib
-from cxrjax import diffusion, parallel, report, synthesis
+from cxrjax import diffusion, fileio, parallel, report, synthesis
 from cxrjax.data import mixing, pipeline, sources
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.models import unet
@@ -622,7 +622,7 @@ def evaluate(
     results["examples"] = {"test_indices": examples.tolist(), "figure": residuals}
     if parallel.is_main_process():
         for split, out in scored.items():
-            np.savez(
+            fileio.save_npz(
                 os.path.join(output_dir, f"{split}_scores.npz"),
                 **{k.replace("/", "_"): v for k, v in out.items()},
             )
@@ -690,13 +690,9 @@ def write_markdown(path: str, results: Mapping[str, Any]) -> None:
             "residuals.png: columns are the first normal then the first abnormal test images "
             "(caption: class and score); rows are input, reconstruction and |residual|.",
         ]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    fileio.write_text(path, "\n".join(lines) + "\n")
 
 
 def load_results(output_dir: str) -> dict[str, Any] | None:
     path = os.path.join(output_dir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(fileio.read_text(path)) if os.path.exists(path) else None

@@ -15,7 +15,12 @@ behave the same for the classifier, PGGAN, DDPM and the anomaly encoder:
 * restore builds its target with `jax.eval_shape`, placed on the current mesh, so a checkpoint
   written by N processes restores on M, data-iterator position included (the pipeline's state
   is process-count independent, see `_restore_iterator`); an unreadable newest step is set
-  aside (renamed, never deleted) and the previous one restored.
+  aside (renamed, never deleted) and the previous one restored;
+* every save records a content checksum of the state (per leaf, computed on device: a
+  position-weighted uint32 sum of the raw bits, so any single flipped bit changes it) in its
+  metadata; a restore recomputes it and also checks every float is finite, so a checkpoint
+  whose bytes changed after the save (bit rot, a bad copy) counts as unreadable: set aside,
+  and the previous step restored, instead of resuming NaNs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -43,6 +49,82 @@ class CheckpointError(RuntimeError):
 
 # Orbax's name for a step folder still being written (renamed to "<step>" on commit).
 _UNCOMMITTED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+CHECKSUM_ALGORITHM = "u32-weighted-bit-sum-v1"
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+    """The raw bits of `x` as uint32 (one element per 1/2/4 bytes, two per 8)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(leaves: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+    """(checksum, all finite) per leaf. Odd weights make every single-bit change visible;
+    uint32 sums wrap exactly, so the value does not depend on sharding or device count."""
+    sums, finite = [], []
+    for x in leaves:
+        bits = _leaf_bits(x).reshape(-1)
+        index = jnp.arange(bits.size, dtype=jnp.uint32)
+        weights = (index * jnp.uint32(2654435761)) | jnp.uint32(1)
+        sums.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+        inexact = jnp.issubdtype(x.dtype, jnp.inexact)
+        finite.append(jnp.all(jnp.isfinite(x)) if inexact else jnp.bool_(True))
+    return sums, finite
+
+
+def fingerprint(state: Any) -> tuple[list[str], list[int], list[bool]]:
+    """(leaf paths, checksums, finite flags) of a pytree of arrays."""
+    paths, leaves = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            paths.append(jax.tree_util.keystr(path))
+            leaves.append(leaf)
+    if not leaves:
+        return [], [], []
+    sums, finite = jax.device_get(_fingerprint(leaves))
+    return paths, [int(s) for s in sums], [bool(f) for f in finite]
+
+
+def verify(state: Any, meta: Mapping[str, Any], step: int) -> None:
+    """Raises CheckpointError when the restored state is not what was saved at `step`."""
+    paths, sums, finite = fingerprint(state)
+    recorded = (meta or {}).get("checksum")
+    if recorded and recorded.get("algorithm") == CHECKSUM_ALGORITHM:
+        if len(recorded["leaves"]) != len(sums):
+            raise CheckpointError(
+                f"step {step}: {len(sums)} leaves, checksum lists {len(recorded['leaves'])}"
+            )
+        for path, saved, now in zip(paths, recorded["leaves"], sums, strict=True):
+            if int(saved) != now:
+                raise CheckpointError(
+                    f"step {step}: the content of {path} differs from what was saved "
+                    "(checksum mismatch: the files changed after the save)"
+                )
+    bad = [path for path, ok in zip(paths, finite, strict=True) if not ok]
+    if bad:
+        raise CheckpointError(
+            f"step {step}: non-finite values in {bad[0]} (a saved state never has them)"
+        )
+
+
+def short_error(error: BaseException, limit: int = 240) -> str:
+    """`Type: first line of the message`, at most `limit` characters (TensorStore specs are
+    dozens of lines)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | Callable[[Any], Any]) -> Any:
@@ -69,6 +151,7 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._pending_step: int | None = None  # the newest step handed to an async save
+        self.restored_meta: dict[str, Any] = {}  # metadata of the step restore_latest loaded
         self._failed = False  # a save error was raised already (close() must not re-raise)
         self._log_uncommitted()
         policies: list[Any] = [checkpoint_managers.LatestN(n=max(1, keep))]
@@ -153,9 +236,11 @@ class Checkpointer:
         force: bool = True,
     ) -> bool:
         """Starts an async save of `step`; every process must call it (collective)."""
+        _, sums, _ = fingerprint(state)
+        checksum = {"algorithm": CHECKSUM_ALGORITHM, "leaves": sums}
         items = {
             STATE: ocp.args.StandardSave(state),
-            META: ocp.args.JsonSave(dict(metadata or {}, step=int(step))),
+            META: ocp.args.JsonSave(dict(metadata or {}, step=int(step), checksum=checksum)),
         }
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -233,9 +318,11 @@ class Checkpointer:
             else:
                 translate = True  # written by another process count
         restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
+        meta = dict(restored[META] or {})
+        verify(restored[STATE], meta, step)
         if translate:
             _restore_iterator(step, data_dir, data_iterator)
-        return restored[STATE], dict(restored[META] or {})
+        return restored[STATE], meta
 
     def restore_latest(
         self, abstract_state: Any, *, data_iterator: grain.DatasetIterator | None = None
@@ -248,22 +335,24 @@ class Checkpointer:
         steps = self.all_steps()
         for step in reversed(steps):
             try:
-                return self.restore(step, abstract_state, data_iterator=data_iterator)
+                restored = self.restore(step, abstract_state, data_iterator=data_iterator)
             except Exception as error:  # noqa: BLE001 - any read failure means "unusable step"
                 if step == steps[0]:
                     raise CheckpointError(
                         f"no readable checkpoint in {self.directory}: step {step} failed with "
-                        f"{type(error).__name__}: {error}"
-                    ) from error
+                        f"{short_error(error)}; move it away to start from scratch, or use a "
+                        "new --workdir"
+                    ) from None
                 aside = self._set_aside(step)
                 logging.error(
-                    "checkpoint step %d is unreadable (%s: %s); moved to %s, trying the previous "
-                    "step",
+                    "checkpoint step %d is unreadable (%s); moved to %s, trying the previous step",
                     step,
-                    type(error).__name__,
-                    error,
+                    short_error(error),
                     aside,
                 )
+                continue
+            self.restored_meta = restored[1]
+            return restored
         return None
 
     def _set_aside(self, step: int) -> epath.Path:
@@ -316,19 +405,24 @@ def restore_or_init(
     init_fn: Callable[[], Any],
     data_iterator: grain.DatasetIterator | None,
     signature: Mapping[str, Any],
+    *,
+    ignore: tuple[str, ...] = (),
 ) -> tuple[Any, int]:
     """(state, start step): the newest readable checkpoint, or `init_fn()` and step 0.
 
     A checkpoint whose saved run signature (config hash, global batch, dataset, ...) differs
     from `signature` is refused with a message naming each difference: resuming it would
-    silently continue a different experiment.
+    silently continue a different experiment. Keys in `ignore` are not compared (a resume
+    the user forced after the workdir check named the config fields that differ).
     """
     restored = checkpointer.restore_latest(abstract, data_iterator=data_iterator)
     if restored is None:
         return init_fn(), 0
     state, meta = restored
     saved = meta.get("signature", {})
-    different = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+    different = {
+        k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v and k not in ignore
+    }
     if different:
         details = ", ".join(
             f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items()

@@ -43,7 +43,7 @@ import numpy as np
 from absl import logging
 
 from cxrjax import config as config_lib
-from cxrjax import parallel
+from cxrjax import fileio, parallel
 from cxrjax.config import ConfigError
 from cxrjax.data import imageio
 
@@ -415,8 +415,7 @@ def extract(
     )
     if path and parallel.is_main_process():
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp.npz"
         meta = {"extractor": extractor.describe(), "data_id": data_id, "shape": list(images.shape)}
-        np.savez(tmp, features=features, meta=json.dumps(meta, default=str))
-        os.replace(tmp, path)
+        # A per-process, per-call temporary name: jobs sharing the cache never collide.
+        fileio.save_npz(path, features=features, meta=json.dumps(meta, default=str))
     return features

@@ -46,7 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cxrjax import features as features_lib
-from cxrjax import parallel, report
+from cxrjax import fileio, parallel, report
 from cxrjax.config import ConfigError
 from cxrjax.data import imageio
 from cxrjax.metrics import clustering, generative
@@ -493,7 +493,8 @@ def save_embedding(
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    with fileio.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
     return path
 
 
@@ -636,7 +637,7 @@ def write_report(
         report.save_image_grid(np.stack(tiles), output / name, nrow=8)
         figures.append(name)
     results_lib.save_results(str(output / "metrics.json"), metrics)
-    (output / "report.md").write_text(markdown_report(metrics, figures), encoding="utf-8")
+    fileio.write_text(output / "report.md", markdown_report(metrics, figures))
     for name in ["metrics.json", "report.md", *figures]:
         written[name] = str(output / name)
     logging.info("quality report written to %s", output)

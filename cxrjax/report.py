@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn import metrics as skm
 
+from cxrjax import fileio
 from cxrjax.metrics import classification
 
 MISSING = "n/a"
@@ -106,7 +107,8 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly: PNG without any GUI backend
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    with fileio.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
     return path
 
 

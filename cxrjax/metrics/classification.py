@@ -36,6 +36,8 @@ import numpy as np
 from scipy import sparse, stats
 from sklearn import metrics as skm
 
+from cxrjax import fileio
+
 BINARY = "binary"
 MULTICLASS = "multiclass"
 MULTILABEL = "multilabel"
@@ -524,21 +526,8 @@ def _attach_cis(result: dict, task: _Task, boot: dict, level: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_json(x: Any) -> Any:
-    """Python scalars and lists, NaN -> None: safe for json.dumps(allow_nan=False)."""
-    if isinstance(x, dict):
-        return {k: _to_json(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_to_json(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _to_json(x.tolist())
-    if isinstance(x, bool | np.bool_):
-        return bool(x)
-    if isinstance(x, int | np.integer):
-        return int(x)
-    if isinstance(x, float | np.floating):
-        return float(x) if math.isfinite(x) else None
-    return x
+# Python scalars and lists, NaN -> None: safe for json.dumps(allow_nan=False).
+_to_json = fileio.json_safe
 
 
 def evaluate(

@@ -1,8 +1,13 @@
-"""Metric logging: JSON lines + TensorBoard events from process 0, and console progress."""
+"""Metric logging: JSON lines + TensorBoard events from process 0, and console progress.
+
+`metrics.jsonl` stays one row per step across resumes: a writer opened with `resume_step=S`
+first drops the rows after S (work a killed process did after its last checkpoint, which the
+resumed run replays) and any torn last line, rewriting the file atomically. Non-finite values
+are written as `null`, so the file is strict JSON; `read_history` reads it back deduplicated.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -10,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+
+from cxrjax import fileio
 
 
 def _scalar(value: Any) -> float | int | None:
@@ -32,7 +39,12 @@ class MetricWriter:
     """
 
     def __init__(
-        self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
     ):
         self.enabled = enabled
         self._jsonl = None
@@ -40,7 +52,10 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(path):
+            truncate_after(path, resume_step)
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter  # Event files without TensorFlow.
 
@@ -50,7 +65,7 @@ class MetricWriter:
         if not self.enabled:
             return
         clean = {k: v for k, v in ((k, _scalar(v)) for k, v in scalars.items()) if v is not None}
-        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.write(fileio.dumps({"step": int(step), **clean}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in clean.items():
@@ -69,6 +84,30 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Keeps the rows of steps <= `step` (and no torn line); atomic rewrite, only if needed."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    rows = fileio.read_jsonl(path)
+    keep = [row for row in rows if int(row.get("step", 0) or 0) <= step]
+    if (
+        len(keep) == len(rows)
+        and (not text or text.endswith("\n"))
+        and len(rows) == sum(1 for line in text.split("\n") if line.strip())
+    ):
+        return
+    if len(keep) < len(rows):
+        logging.info(
+            "%s: dropping %d rows after step %d (replayed)", path, len(rows) - len(keep), step
+        )
+    fileio.write_text(path, "".join(fileio.dumps(row) + "\n" for row in keep))
+
+
+def read_history(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every logged row of a run, all sessions, one per step (`metrics.jsonl`)."""
+    return fileio.by_step(fileio.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
 
 
 class Progress:

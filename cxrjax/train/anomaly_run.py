@@ -39,8 +39,20 @@ TRAIN_COMMAND = {
 }
 
 
+# Choices this driver owns, on top of config.RULES (types, ranges, finiteness of every field).
+RULES = (
+    ("method", config_lib.choice(*anomaly.METHODS)),
+    ("data.name", config_lib.choice("", *builders.BUILDERS)),  # "" = the generator's dataset
+    ("data.normal_class", config_lib.text(nonempty=True)),
+    ("encoder.output", config_lib.choice(*encoder_lib.OUTPUTS)),
+    ("ddpm.metric", config_lib.choice(*anomaly.METRICS)),
+    *optim.RULES,
+)
+
+
 def validate(config) -> None:
     """Every field the run relies on, checked before any file, data read or compile."""
+    config_lib.check_fields(config, RULES)
     check = config_lib.check
     config_lib.check_choice(config, "method", anomaly.METHODS)
     check(

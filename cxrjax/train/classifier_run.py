@@ -21,7 +21,7 @@ from absl import logging
 
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
-from cxrjax import parallel, report
+from cxrjax import fileio, parallel, report
 from cxrjax.data import builders, mixing, pipeline, sources
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.metrics import writer as writer_lib
@@ -67,8 +67,19 @@ def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- driver
+# Choices this driver owns, on top of config.RULES (types, ranges, finiteness of every field).
+RULES = (
+    ("data.name", config_lib.choice(*builders.BUILDERS)),
+    ("model.name", config_lib.choice(*densenet.MODELS)),
+    ("model.stem", config_lib.choice(*densenet.STEMS)),
+    ("model.dtype", config_lib.choice(*DTYPES)),
+    *optim.RULES,
+)
+
+
 def validate(config) -> None:
     """Every field the run relies on, checked before any data read or compile."""
+    config_lib.check_fields(config, RULES)
     check = config_lib.check
     config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
     config_lib.check_choice(config, "model.name", tuple(densenet.MODELS))
@@ -484,8 +495,8 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
         **extra,
     }
     if parallel.is_main_process():
-        np.savez(os.path.join(workdir, "test_predictions.npz"), **test)
-        np.savez(os.path.join(workdir, "val_predictions.npz"), **val)
+        fileio.save_npz(os.path.join(workdir, "test_predictions.npz"), **test)
+        fileio.save_npz(os.path.join(workdir, "val_predictions.npz"), **val)
         curves = {"test": (test["labels"], test["probs"]), "val": (val["labels"], val["probs"])}
         if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
             report.save_roc_curves(curves, os.path.join(workdir, "roc.png"), title="ROC (DenseNet)")
@@ -643,5 +654,4 @@ def write_markdown(
         "",
         "![ROC](roc.png)" if os.path.exists(os.path.join(os.path.dirname(path), "roc.png")) else "",
     ]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    fileio.write_text(path, "\n".join(lines) + "\n")

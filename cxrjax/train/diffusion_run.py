@@ -47,8 +47,20 @@ HASH_IGNORE = (
 )
 
 
+# Choices this driver owns, on top of config.RULES (types, ranges, finiteness of every field).
+RULES = (
+    ("data.name", config_lib.choice(*builders.BUILDERS)),
+    ("model.name", config_lib.choice(*MODELS)),
+    ("model.dtype", config_lib.choice(*DTYPES)),
+    ("diffusion.schedule", config_lib.choice(*NOISE_SCHEDULES)),
+    ("diffusion.prediction", config_lib.choice(*PREDICTIONS)),
+    *optim.RULES,
+)
+
+
 def validate(config) -> None:
     """Every field the run relies on, checked before any data read or compile."""
+    config_lib.check_fields(config, RULES)
     check = config_lib.check
     config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
     config_lib.check_choice(config, "model.name", tuple(MODELS))

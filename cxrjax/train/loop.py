@@ -13,6 +13,9 @@ Guarantees every trainer gets from here:
 * `nonfinite="abort"` checks the step's metrics after every step (one small host fetch per
   step), so the error names the exact step and metric; "skip" counts skipped updates (the
   steps skip them in-graph) and reports them at log steps;
+* "skip" stops with NonFiniteError, naming the first non-finite step, once every update of
+  a whole stretch (>= max(log_every, 2) steps) was skipped: a run whose every step is
+  non-finite (a broken state) never trains on silently to a NaN evaluation;
 * a failed save raises (with the step) instead of letting the run end 0 without a checkpoint;
 * batches with a `mask` field (pipeline `bad_records="mask"`) have their masked rows counted
   over all processes at log steps; above `max_bad_fraction` of the examples seen, the run stops.
@@ -94,6 +97,43 @@ class LoopResult:
 def device_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """The numeric fields of a process-local batch as global arrays sharded over "data"."""
     return parallel.host_to_global({k: v for k, v in batch.items() if k in DEVICE_KEYS}, mesh)
+
+
+class _SkipWatch:
+    """Under "skip": raises once every update of a stretch of >= `patience` steps was skipped.
+
+    Reads the state's cumulative `nonfinite_steps` counter at the fetches the loop already
+    does, so it costs nothing between log steps.
+    """
+
+    def __init__(self, start_step: int, count: float | None, patience: int):
+        self.last_step, self.last_count = start_step, count
+        self.patience = max(patience, 2)
+        self.stretch_start: int | None = None  # first step of the current all-skipped stretch
+        self.first_bad: str | None = None
+
+    def update(self, step: int, count: float | None) -> None:
+        if count is None or self.last_count is None:
+            self.last_step, self.last_count = step, count
+            return
+        steps, skipped = step - self.last_step, count - self.last_count
+        if skipped > 0 and self.first_bad is None:
+            exact = skipped >= steps
+            self.first_bad = (
+                str(self.last_step + 1) if exact else f"in {self.last_step + 1}..{step}"
+            )
+        if steps > 0 and skipped >= steps:
+            self.stretch_start = self.stretch_start or self.last_step + 1
+        else:
+            self.stretch_start = None
+        self.last_step, self.last_count = step, count
+        if self.stretch_start is not None and step - self.stretch_start + 1 >= self.patience:
+            raise NonFiniteError(
+                f"every update from step {self.stretch_start} to {step} was non-finite and "
+                f"skipped (first non-finite step {self.first_bad}); the state cannot train on. "
+                "Lower the learning rate or enable grad clipping, and resume from an earlier "
+                "checkpoint or a new --workdir."
+            )
 
 
 def _check_finite(step: int, scalars: Mapping[str, float], skipped_before: float | None) -> None:
@@ -200,6 +240,7 @@ def run(
     label: str = "train",
     stop_at: int | None = None,
     max_bad_fraction: float = 0.01,
+    clock: Any | None = None,
 ) -> LoopResult:
     """Runs steps `start_step+1 .. num_steps` (or until `stop_at`), saving on the way.
 
@@ -207,6 +248,8 @@ def run(
     with a checkpoint, exactly as a preemption would (used by resume tests and schedulers).
     `max_bad_fraction`: the share of masked (unreadable) input records, over the examples this
     session has read, above which the run stops with BadRecordsError (checked at log steps).
+    `clock` (results.Clock): its total wall time so far is saved in every checkpoint's
+    metadata, so a resumed run's wall time counts every session.
     Raises NonFiniteError (see the module docstring), BadRecordsError, or
     checkpoint.CheckpointError when a save fails.
     """
@@ -221,6 +264,12 @@ def run(
     step = start_step
     bad_records = _BadRecordCounter(max_bad_fraction)
     skipped_before: float | None = None  # `*/nonfinite_steps` after the previous fetch
+    counter = getattr(state, "nonfinite_steps", None)
+    skip_watch = _SkipWatch(
+        start_step,
+        None if counter is None else float(jax.device_get(counter)),
+        log_every,
+    )
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -231,7 +280,10 @@ def run(
         if best_metric and last_eval_step == step and best_metric in last_eval:
             # Only a checkpoint evaluated at its own step competes for "best".
             metrics = {best_metric: float(last_eval[best_metric])}
-        checkpointer.save(step, state, data_iterator=batches, metadata=metadata, metrics=metrics)
+        meta = dict(metadata or {})
+        if clock is not None:
+            meta["wall_time_s"] = clock.total()
+        checkpointer.save(step, state, data_iterator=batches, metadata=meta, metrics=metrics)
         last_saved = step
 
     with PreemptionGuard() as guard:
@@ -254,6 +306,8 @@ def run(
                 if nonfinite == "abort":
                     _check_finite(step, scalars, skipped_before)
                 skipped_before = scalars.get(f"{label}/nonfinite_steps", skipped_before)
+                if nonfinite == "skip":
+                    skip_watch.update(step, scalars.get(f"{label}/nonfinite_steps"))
             if is_log or is_eval:
                 if is_log:
                     scalars.update(bad_records.check(step))

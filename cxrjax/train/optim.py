@@ -7,20 +7,32 @@ from typing import Any
 
 import optax
 
+from cxrjax import config as config_lib
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "plateau")
+# Field rules (config.check_fields) for the trainers that build their optimizer here.
+RULES = (
+    ("optim.name", config_lib.choice(*OPTIMIZERS)),
+    ("optim.schedule", config_lib.choice(*SCHEDULES)),
+)
 
 
 def validate(optim: Mapping[str, Any]) -> None:
-    """Fails before any compute on unknown names or impossible values, naming the field."""
-    if optim["name"] not in OPTIMIZERS:
-        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {optim['name']!r}")
-    if optim["schedule"] not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {optim['schedule']!r}")
-    if not optim["lr"] > 0:
-        raise ValueError(f"optim.lr must be > 0, got {optim['lr']}")
-    if optim.get("warmup_steps", 0) < 0:
-        raise ValueError(f"optim.warmup_steps must be >= 0, got {optim['warmup_steps']}")
+    """Fails before any compute on unknown names or impossible values (ConfigError naming the
+    field, the value and what is allowed)."""
+    for field, rule in (
+        ("name", config_lib.choice(*OPTIMIZERS)),
+        ("schedule", config_lib.choice(*SCHEDULES)),
+        ("lr", config_lib.number(gt=0)),
+        ("warmup_steps", config_lib.integer(ge=0)),
+    ):
+        if field in optim:
+            problem = rule.problem(optim[field])
+            if problem:
+                raise config_lib.ConfigError(
+                    f"config.optim.{field}: {problem}, got {optim[field]!r}"
+                )
 
 
 def make_schedule(optim: Mapping[str, Any], num_steps: int) -> optax.Schedule:

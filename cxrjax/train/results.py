@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
+
+from cxrjax import fileio
 
 
 def save_results(path: str, results: Mapping[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+    """Atomically writes strict JSON: NaN/inf become null (missing), never bare NaN."""
+    fileio.write_json(path, results)
 
 
 def software_versions() -> dict[str, str]:
@@ -48,6 +37,22 @@ def device_description() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
     }
+
+
+class Clock:
+    """A run's wall time over all its sessions: `before` (restored from the checkpoint this
+    session resumed, see loop.run) plus this session's time since the clock was made."""
+
+    def __init__(self, before: float = 0.0):
+        self.start = time.perf_counter()
+        self.before = float(before)
+
+    def resume(self, meta: Mapping[str, Any]) -> None:
+        """Takes the wall time recorded in a restored checkpoint's metadata."""
+        self.before = float((meta or {}).get("wall_time_s") or 0.0)
+
+    def total(self) -> float:
+        return round(self.before + time.perf_counter() - self.start, 2)
 
 
 def elapsed(start: float) -> float:
