@@ -7,10 +7,14 @@
   python -m launch.prepare_data --dataset=nih_chest_xray14 --manual_dir=~/nih --resolution=256
   python -m launch.prepare_data --dataset=image_folder --manual_dir=out/synth --name=ddpm_s0 \
       --resolution=32 --class_names=normal,pneumonia
+  python -m launch.prepare_data --dataset=image_folder --manual_dir=~/hospital_export \
+      --labels_csv=~/hospital_export/labels.csv --patient_pattern='^(\\d+)_' --strict_patients
 
 --dataset also takes a config name (kermany_pneumonia/3class_r64). Bad input (missing data, wrong
 layout, corrupt image, label files that disagree with the images) prints the reason, the expected
-layout and where the data is published to stderr, and exits 1.
+layout and where the data is published to stderr, and exits 2 (no traceback). Split folders
+that share patients print a warning (count and examples; kept in the metadata), an error with
+--strict_patients.
 """
 
 from __future__ import annotations
@@ -34,6 +38,21 @@ _LABELS = flags.DEFINE_enum("labels", None, ["binary", "3class"], "kermany_pneum
 _NAME = flags.DEFINE_string("name", None, "image_folder: config name (default: hash of the path).")
 _CLASS_NAMES = flags.DEFINE_list(
     "class_names", None, "image_folder: class order (default: sorted)."
+)
+_LABELS_CSV = flags.DEFINE_string(
+    "labels_csv",
+    None,
+    "image_folder: CSV of path,label or path,<finding columns> [,patient_id][,split] "
+    "(default: <manual_dir>/labels.csv when present).",
+)
+_PATIENT_PATTERN = flags.DEFINE_string(
+    "patient_pattern",
+    None,
+    "image_folder: regex whose 'patient' group (else group 1) in a file name is the patient id "
+    "(default: NIH's <8-digit patient>_<3-digit>.png when every name matches).",
+)
+_STRICT_PATIENTS = flags.DEFINE_bool(
+    "strict_patients", False, "image_folder: patients shared by given splits are an error."
 )
 _SKIP_CORRUPT = flags.DEFINE_bool(
     "skip_corrupt", False, "Skip unreadable images (logged, listed in the metadata)."
@@ -66,6 +85,16 @@ def summary(builder) -> str:
     lines.append(f"  skipped corrupt images: {skipped.get('count', 0)}")
     lines += [f"    {name}" for name in skipped.get("files", [])]
     lines.append(f"  splits: {builder.info.metadata.get('split_method', '')}")
+    metadata = builder.info.metadata
+    if "patient_ids" in metadata:
+        lines.append(f"  patient ids: {metadata['patient_ids']}")
+        overlap = metadata.get("patient_overlap") or {}
+        lines.append(f"  patients in more than one split: {overlap.get('count', 0)}")
+        lines += [f"    {example}" for example in overlap.get("examples", [])]
+    decode = metadata.get("decode", {}).get("counts", {})
+    if decode:
+        lines.append(f"  decoding (per file in {metadata['decode'].get('log')}):")
+        lines += [f"    {count}  {decision}" for decision, count in decode.items()]
     if "provenance" in builder.info.metadata:
         lines.append(f"  provenance: {builder.info.metadata['provenance']}")
     return "\n".join(lines)
@@ -94,6 +123,16 @@ def batch_statistics(builder, num_batches: int, batch_size: int) -> str:
     return "\n".join(lines)
 
 
+def _folder_options() -> dict:
+    """image_folder-only flags, passed only when set (other datasets reject them)."""
+    options = {
+        "labels_csv": _LABELS_CSV.value,
+        "patient_pattern": _PATIENT_PATTERN.value,
+        "strict_patients": _STRICT_PATIENTS.value,
+    }
+    return {key: value for key, value in options.items() if value}
+
+
 def main(argv):
     del argv
     try:
@@ -108,13 +147,14 @@ def main(argv):
             class_names=_CLASS_NAMES.value,
             skip_corrupt=_SKIP_CORRUPT.value,
             overwrite=_OVERWRITE.value,
+            **_folder_options(),
         )
         print(summary(builder))
         if _SHOW_BATCHES.value:
             print(batch_statistics(builder, _SHOW_BATCHES.value, _BATCH_SIZE.value))
     except builders.DatasetError as error:
         print(f"prepare_data: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

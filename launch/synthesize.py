@@ -6,7 +6,8 @@ r"""Synthesizes labeled images from a trained PGGAN or DDPM and prepares them as
 
 Writes OUT/<class_name>/<generator>_s<seed>_<i>.png and OUT/provenance.json from the latest
 checkpoint's EMA weights, then (unless --prepare_as="") builds OUT as the image_folder dataset
-NAME (default: basename of OUT) at the generator's resolution, readable by the pipeline as
+NAME (default: `<basename of OUT>-<hash of its absolute path>`, so runA/syn and runB/syn never
+share a prepared dataset) at the generator's resolution, readable by the pipeline as
 `image_folder/<NAME>_r<resolution>` (data.name=image_folder, data.manual_dir=OUT).
 """
 
@@ -18,6 +19,7 @@ from absl import app, flags
 
 from cxrjax import synthesis
 from cxrjax.data import builders
+from cxrjax.data.builders import image_folder
 from launch import common
 
 GENERATOR = flags.DEFINE_enum("generator", None, list(synthesis.GENERATORS), "Generator kind.")
@@ -33,7 +35,7 @@ SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per sampling batch.")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "Where to build the dataset (default: usual).")
 PREPARE_AS = flags.DEFINE_string(
-    "prepare_as", None, 'image_folder dataset name (default: basename of output; "" = skip).'
+    "prepare_as", None, 'image_folder dataset name (default: basename-pathhash; "" = skip).'
 )
 flags.mark_flags_as_required(["generator", "workdir", "num_images", "output"])
 
@@ -55,7 +57,7 @@ def job():
     output = os.path.abspath(os.path.expanduser(OUTPUT.value))
     name = PREPARE_AS.value
     if name is None:
-        name = os.path.basename(output.rstrip(os.sep))
+        name = image_folder.path_name(output)
     result = {"output": output, **provenance}
     if name:
         builder = builders.prepare(

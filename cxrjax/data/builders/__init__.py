@@ -6,7 +6,7 @@ plus per-dataset fields; see each module's docstring for layout, labels and spli
   pneumonia_mnist     shipped 28 px subset (default, offline) or the official MedMNIST files
   kermany_pneumonia   Kermany/Kaggle chest_xray/ folders; binary or 3class labels
   nih_chest_xray14    NIH ChestX-ray14 PNGs + Data_Entry_2017.csv; 14-finding multi-hot
-  image_folder        any folder of class folders (a user's data, synthetic images)
+  image_folder        class folders or a label CSV (DICOM/PNG/JPEG/TIFF; patient-level splits)
 
 Names: a dataset is named `<dataset>` with options as arguments, or `<dataset>/<config>` with
 the options in the config name, which is also its directory under data_dir:
@@ -77,11 +77,15 @@ def make_builder(
     folder_name: str | None = None,
     class_names: Sequence[str] | None = None,
     skip_corrupt: bool = False,
+    labels_csv: str | os.PathLike | None = None,
+    patient_pattern: str | None = None,
+    strict_patients: bool = False,
 ) -> tfds.core.DatasetBuilder:
     """The builder for `name` and options, without building anything.
 
     `variant` is for pneumonia_mnist, `labels` for kermany_pneumonia, `folder_name` and
-    `class_names` for image_folder (whose folder is `manual_dir`); giving an option to a
+    `class_names`, `labels_csv`, `patient_pattern` and `strict_patients` for image_folder (whose
+    folder is `manual_dir`; see its module docstring); giving an option to a
     dataset that has no such option, or one that contradicts the config name, is an error;
     None and "" both mean "not set".
     An already prepared image_folder config is found by name without its folder.
@@ -98,8 +102,15 @@ def make_builder(
     for option, value in given.items():
         if value is not None and option != cls.NAME_OPTION:
             raise DatasetError(f"{dataset} has no option {option!r}")
-    if class_names is not None and cls is not image_folder.ImageFolder:
-        raise DatasetError(f"{dataset} has no option 'class_names'")
+    folder_options = {
+        "class_names": class_names,
+        "labels_csv": labels_csv or None,
+        "patient_pattern": patient_pattern or None,
+        "strict_patients": strict_patients or None,
+    }
+    for option, value in folder_options.items():
+        if value is not None and cls is not image_folder.ImageFolder:
+            raise DatasetError(f"{dataset} has no option {option!r}")
     option = given.get(cls.NAME_OPTION) if cls.NAME_OPTION else None
     if config_name:
         parsed = cls.parse_config_name(config_name)
@@ -113,7 +124,15 @@ def make_builder(
     if cls is image_folder.ImageFolder:
         if manual_dir is None:
             return _prepared_image_folder(data_dir, resolution, option)
-        config = cls.make_config(resolution, option, path=manual_dir, class_names=class_names)
+        config = cls.make_config(
+            resolution,
+            option,
+            path=manual_dir,
+            class_names=class_names,
+            labels_csv=labels_csv or None,
+            patient_pattern=patient_pattern or None,
+            strict_patients=bool(strict_patients),
+        )
         return cls(config=config, skip_corrupt=skip_corrupt, **kwargs)
     config = cls.make_config(resolution, option)
     return cls(config=config, manual_dir=manual_dir, skip_corrupt=skip_corrupt, **kwargs)
@@ -158,6 +177,7 @@ def _prepare(name: str, *, overwrite: bool, **options) -> tfds.core.DatasetBuild
         download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS,
     )
     builder.download_and_prepare(download_config=download_config)
+    builder.write_decode_log()
     return builder
 
 

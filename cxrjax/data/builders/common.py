@@ -33,7 +33,9 @@ from absl import logging
 from cxrjax.data import imageio, sources
 
 VERSION = "1.0.0"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", *imageio.DICOM_EXTENSIONS)
+# Per-file decode decisions (bit depth, window, inversion), one line per image, next to the data.
+DECODE_LOG = "decode_log.tsv"
 SPLITS = ("train", "validation", "test")
 NO_FINDING = "No Finding"  # Multi-label counts: images with no positive label.
 # Decode/resize/encode threads and the most images in flight: bounds memory at about
@@ -108,6 +110,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._skip_corrupt = skip_corrupt
         self._skipped: list[str] = []
         self._class_counts: dict[str, dict[str, int]] = {}
+        self._decisions: list[tuple[str, str, str]] = []  # (split, file, decode decision)
         super().__init__(**kwargs)
 
     @classmethod
@@ -246,10 +249,12 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             counts[NO_FINDING] = 0
         num_yielded = 0
         encode_fn = lambda example: _encode(example, resolution)  # noqa: E731
-        for example, png in bounded_map(encode_fn, examples):
-            if isinstance(png, imageio.CorruptImageError):
-                self._on_corrupt(example, png)
+        for example, encoded in bounded_map(encode_fn, examples):
+            if isinstance(encoded, imageio.CorruptImageError):
+                self._on_corrupt(example, encoded)
                 continue
+            png, decision = encoded
+            self._decisions.append((split, example.name, decision))
             label = example.features["label"]
             if self.LABEL_KIND == sources.MULTILABEL:
                 for name, value in zip(names, label, strict=True):
@@ -264,6 +269,12 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # TFDS writes the metadata after the last split, so this lands in metadata.json.
         self._class_counts[split] = counts
         self.info.metadata["class_counts"] = dict(self._class_counts)
+        decisions = collections.Counter(decision for _, _, decision in self._decisions)
+        self.info.metadata["decode"] = {
+            "counts": dict(decisions.most_common()),
+            "log": DECODE_LOG,
+            "rules": "cxrjax.data.imageio module docstring",
+        }
         self.info.metadata["skipped_corrupt"] = {
             "count": len(self._skipped),
             "files": list(self._skipped),
@@ -296,24 +307,34 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def check_reusable(self) -> None:
         """Raises DatasetError when already-built data no longer matches its source."""
 
+    def write_decode_log(self) -> None:
+        """Writes data_dir/decode_log.tsv (split, file, decision) after a build; no-op if none."""
+        if not self._decisions:
+            return
+        lines = ["split\tfile\tdecision"]
+        lines += ["\t".join(row) for row in self._decisions]
+        path = pathlib.Path(self.data_dir) / DECODE_LOG
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
     def check_source(self) -> None:
         """Cheap layout checks, run before TFDS starts a build (full checks run in it)."""
 
 
-def _encode(example: Example, resolution: int) -> bytes | imageio.CorruptImageError:
-    """File or array -> PNG bytes at `resolution`; returns (not raises) a corrupt-image error."""
+def _encode(example: Example, resolution: int) -> tuple[bytes, str] | imageio.CorruptImageError:
+    """File or array -> (PNG bytes at `resolution`, decode decision); returns (not raises) a
+    corrupt-image error."""
     try:
         if isinstance(example.source, np.ndarray):
-            pixels = imageio.decode_gray(example.source, example.name)
+            pixels, decision = imageio.decode(example.source, example.name)
         else:
             try:
                 data = example.source.read_bytes()
             except OSError as error:
                 raise imageio.CorruptImageError(f"{example.name}: unreadable ({error})") from error
-            pixels = imageio.decode_gray(data, example.name)
+            pixels, decision = imageio.decode(data, example.name)
         if pixels.ndim != 2 or min(pixels.shape) == 0:
             raise imageio.CorruptImageError(f"{example.name}: not a 2-D image {pixels.shape}")
-        return imageio.encode_png(imageio.resize_square(pixels, resolution))
+        return imageio.encode_png(imageio.resize_square(pixels, resolution)), decision
     except imageio.CorruptImageError as error:
         return error
 
@@ -353,13 +374,29 @@ def carve_groups(groups: Iterable[str], fraction: float, salt: str) -> set[str]:
     return set(unique[:count])
 
 
+def is_image_file(path: pathlib.Path) -> bool:
+    """An image by extension, or an extension-less DICOM file ('DICM' at byte 128)."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with path.open("rb") as stream:
+            return imageio.is_dicom(stream.read(132))
+    except OSError:
+        return False
+
+
 def list_images(directory: pathlib.Path, relative_to: pathlib.Path) -> list[pathlib.Path]:
-    """Sorted image files directly in `directory`; other files are logged, hidden ones ignored."""
+    """Sorted image files directly in `directory`; other files are logged, hidden ones ignored.
+
+    Images: IMAGE_EXTENSIONS, and DICOM files without an extension (as PACS exports name them).
+    """
     images, others = [], []
     for entry in sorted(directory.iterdir()):
         if entry.name.startswith(".") or not entry.is_file():
             continue
-        (images if entry.suffix.lower() in IMAGE_EXTENSIONS else others).append(entry)
+        (images if is_image_file(entry) else others).append(entry)
     if others:
         logging.warning(
             "Ignoring %d non-image files in %s (e.g. %s); image files end in %s",

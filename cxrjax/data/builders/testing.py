@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import pathlib
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -221,3 +223,64 @@ def write_medmnist(
     np.savez_compressed(buffer, **arrays)
     (manual_dir / name).write_bytes(buffer.getvalue())
     return manual_dir / name
+
+
+# --- clinical formats: DICOM and 16-bit PNG ---------------------------------------------------
+
+
+def write_dicom(
+    path: pathlib.Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    voi_lut: np.ndarray | None = None,
+) -> pathlib.Path:
+    """Writes an uncompressed DICOM file (pydicom) of uint16 `pixels` [H, W] with the given
+    photometric interpretation, BitsStored, optional window (center, width), rescale (slope,
+    intercept) and VOI LUT Sequence (uint16 LUT over the stored values)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.set_pixel_data(
+        np.asarray(pixels, np.uint16),
+        photometric_interpretation=photometric,
+        bits_stored=bits_stored,
+    )
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if voi_lut is not None:
+        item = Dataset()
+        item.LUTDescriptor = [len(voi_lut), 0, 16]
+        item.add_new((0x0028, 0x3006), "US", [int(v) for v in voi_lut])  # LUT Data
+        ds.VOILUTSequence = [item]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_png16(path: pathlib.Path, pixels: np.ndarray, sbit: int | None = None) -> pathlib.Path:
+    """Writes a 16-bit grayscale PNG; `sbit` adds an sBIT chunk (significant bits)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, np.uint16)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    if sbit is not None:
+        body = b"sBIT" + bytes([sbit])
+        chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body))
+        ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR header, IHDR data, CRC
+        data = data[:ihdr_end] + chunk + data[ihdr_end:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
