@@ -25,6 +25,7 @@ behave the same for the classifier, PGGAN, DDPM and the anomaly encoder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -370,6 +371,18 @@ class Checkpointer:
         # The manager caches its step list; rebuild it so the set-aside step is forgotten.
         self._manager.reload()
         return target
+
+
+@contextlib.contextmanager
+def closing_on_error(checkpointer: Checkpointer):
+    """Closes `checkpointer` when the block raises (e.g. a refused resume), so Orbax's
+    background threads never print their own traceback at interpreter exit."""
+    try:
+        yield checkpointer
+    except BaseException:
+        with contextlib.suppress(Exception):
+            checkpointer.close()
+        raise
 
 
 def _restore_iterator(step: int, data_dir: epath.Path, iterator: grain.DatasetIterator) -> None:

@@ -1,36 +1,115 @@
-"""Flags shared by every entry point: distributed init and logging. Flags end in launch/."""
+"""Flags shared by every entry point: distributed init, logging, and the one place that turns
+known exceptions into a one-line error and an exit code. Flags end in launch/.
+
+Exit codes: 0 done (or stopped cleanly by SIGTERM, "re-run to resume"); 2 the request is
+wrong (a flag, a config field, a workdir of another config, missing data: fix the command);
+1 the run failed on its way (a save, NaN training, unreadable records): the line says what
+to do. Both print one `error: ...` line and no traceback; any other exception keeps its
+traceback (a bug to report). Validation runs before any directory is created.
+"""
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import os
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
-from cxrjax import parallel
+from cxrjax import fileio, parallel
 from cxrjax.data import builders, imageio
 from cxrjax.train import loop
+from cxrjax.train import workdir as workdir_lib
 
-# Errors that mean "your input is wrong" or "the run cannot go on" (an unwritable workdir, a
-# failed checkpoint save, NaN under train.nonfinite=abort, an unreadable training record, too
-# many masked records): one clear line and exit 1, no traceback. The message names the field,
-# path, step or record.
-USER_ERRORS = (
-    config_lib.ConfigError,
-    builders.DatasetError,
-    checkpoint_lib.CheckpointError,
-    FileNotFoundError,
-    loop.NonFiniteError,
-    loop.BadRecordsError,
-    imageio.CorruptImageError,
+# (exception types, exit code), first match wins: the one map from known exceptions to a
+# one-line error. 2: the request is wrong (field, flag, workdir of another config, data that
+# is missing or laid out wrongly); 1: the run could not go on (a failed or unreadable
+# checkpoint, NaN training, unreadable records). Messages name the field, path, step or record.
+ERROR_EXITS: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
+    ((config_lib.ConfigError,), 2),
+    ((flags.Error,), 2),
+    ((builders.DatasetError, FileNotFoundError), 2),
+    ((checkpoint_lib.CheckpointError,), 1),
+    ((loop.NonFiniteError, loop.BadRecordsError, imageio.CorruptImageError), 1),
 )
+USER_ERRORS = tuple(kind for kinds, _ in ERROR_EXITS for kind in kinds)
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of a known exception (ERROR_EXITS), None for an unexpected one."""
+    for kinds, code in ERROR_EXITS:
+        if isinstance(error, kinds):
+            return code
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """The error as one line (newlines folded; TensorStore-sized messages shortened)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def fail(error: BaseException | str, code: int = 2) -> None:
+    """Prints `error: <one line>` to stderr and exits with `code` (no traceback)."""
+    message = error if isinstance(error, str) else one_line(error)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing with every error as one line and exit 2 (`app.run(flags_parser=)`):
+    unknown flags, bad values, and ml_collections' override errors (an unknown
+    `--config.field`, a value of the wrong type), which otherwise print chained tracebacks."""
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as error:
+        fail(f"{one_line(error)} (--helpfull lists the flags)")
+    except (KeyError, AttributeError, TypeError, ValueError) as error:
+        fail(_override_error(argv, error))
+    return []  # not reached
+
+
+def _override_error(argv: Sequence[str], error: BaseException) -> str:
+    """Names the --config.* override ml_collections could not apply."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    reason = one_line(error).strip("\"'")
+    for arg in overrides:
+        field = arg.split("=", 1)[0][len("--config.") :]
+        if any(part.strip("'\"") in reason for part in field.split(".")):
+            return (
+                f"{arg}: the config has no field {field!r} or cannot take that value "
+                f"({type(error).__name__}: {reason}); see the config file for its fields"
+            )
+    return f"cannot apply the --config overrides {overrides} ({type(error).__name__}: {reason})"
+
+
+def main_entry(main: Callable[[list[str]], None]) -> None:
+    """`app.run(main)` with one-line flag errors (exit 2); use in every entry point."""
+    app.run(main, flags_parser=parse_flags)
+
+
+OVERWRITE = "overwrite"
+FORCE_RESUME = "force_resume"
+
+
+def define_workdir_flags() -> Callable[[], dict[str, bool]]:
+    """--overwrite / --force_resume for the trainers; returns a getter of their values."""
+    overwrite = flags.DEFINE_bool(
+        OVERWRITE, False, "Discard the run in --workdir (its files) and train from scratch."
+    )
+    force = flags.DEFINE_bool(
+        FORCE_RESUME,
+        False,
+        "Continue the unfinished run in --workdir although config fields changed (recorded "
+        "in config_changes.json).",
+    )
+    return lambda: {"overwrite": overwrite.value, "force_resume": force.value}
+
 
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs (jax.distributed)."
@@ -94,24 +173,35 @@ def check_writable(directory: str, flag: str = "workdir") -> None:
         ) from error
 
 
-def run_job(
-    job: Callable[[], Mapping[str, Any]], summarize: Callable[[Mapping[str, Any]], Mapping]
-) -> None:
-    """Runs a train/evaluate job: user errors exit 1 with their message; a stopped run says
-    how to resume; a finished one prints a one-line JSON summary.
+def validate_training(driver: Any, config: Any, workdir: str, options: Mapping) -> None:
+    """A trainer's checks before anything is written: its config (`driver.validate`), then
+    the workdir's recorded config against this one (`workdir.check`)."""
+    driver.validate(config)
+    workdir_lib.check(config, workdir, **options)
 
-    The directory the job writes (--output, else --workdir) is checked writable first.
+
+def run_job(
+    job: Callable[[], Mapping[str, Any]],
+    summarize: Callable[[Mapping[str, Any]], Mapping],
+    validate: Callable[[], Any] | None = None,
+) -> None:
+    """Runs a train/evaluate job: known errors print one line and exit 2 or 1 (`ERROR_EXITS`);
+    a stopped run says how to resume; a finished one prints a one-line JSON summary.
+
+    `validate` (config and flag checks, the workdir/config comparison: nothing written) runs
+    first; only then is the directory the job writes (--output, else --workdir) created and
+    checked writable.
     """
     try:
+        if validate is not None:
+            validate()
         target = output_directory()
         if target is not None:
             check_writable(target[1], flag=target[0])
         results = job()
     except USER_ERRORS as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        fail(error, exit_code(error))
     if results.get("finished") is False:
         print(f"stopped at step {results['step']}; re-run the same command to resume")
         return
-    print(json.dumps(dict(summarize(results)), default=str))
+    print(fileio.dumps(dict(summarize(results))))

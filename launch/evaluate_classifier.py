@@ -9,7 +9,7 @@ Writes results.json (metrics with bootstrap CIs), results.md and roc.png to --ou
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from cxrjax.train import classifier_run
 from launch import common
@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main_entry(main)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from cxrjax import features, quality
 from cxrjax.config import ConfigError
@@ -139,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main_entry(main)

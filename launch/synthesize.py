@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from cxrjax import synthesis
 from cxrjax.data import builders
@@ -86,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main_entry(main)

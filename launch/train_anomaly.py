@@ -13,7 +13,7 @@ resumes an interrupted encoder run or returns the saved results of a finished on
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cxrjax.train import anomaly_run
@@ -22,21 +22,25 @@ from launch import common
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (:PRESET).", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
+WORKDIR_OPTIONS = common.define_workdir_flags()
 
 
 def main(argv):
     del argv
     common.setup()
     common.run_job(
-        lambda: anomaly_run.train_and_evaluate(CONFIG.value, WORKDIR.value),
+        lambda: anomaly_run.train_and_evaluate(CONFIG.value, WORKDIR.value, **WORKDIR_OPTIONS()),
         lambda results: {
             "workdir": WORKDIR.value,
             "method": results["method"],
             "threshold": results["threshold"],
             "test": {k: results["test"].get(k) for k in ("auc", "auc_ci", "pr_auc", "f1")},
         },
+        validate=lambda: common.validate_training(
+            anomaly_run, CONFIG.value, WORKDIR.value, WORKDIR_OPTIONS()
+        ),
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main_entry(main)

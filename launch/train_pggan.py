@@ -10,7 +10,7 @@ on the same workdir resumes from the last checkpoint (mid-fade included).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cxrjax.train import gan_run
@@ -19,19 +19,23 @@ from launch import common
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (:PRESET).", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
+WORKDIR_OPTIONS = common.define_workdir_flags()
 
 
 def main(argv):
     del argv
     common.setup()
     common.run_job(
-        lambda: gan_run.train_and_evaluate(CONFIG.value, WORKDIR.value),
+        lambda: gan_run.train_and_evaluate(CONFIG.value, WORKDIR.value, **WORKDIR_OPTIONS()),
         lambda results: {
             "workdir": WORKDIR.value,
             **{k: results[k] for k in ("step", "images_seen", "nonfinite_steps", "samples")},
         },
+        validate=lambda: common.validate_training(
+            gan_run, CONFIG.value, WORKDIR.value, WORKDIR_OPTIONS()
+        ),
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main_entry(main)

@@ -13,9 +13,7 @@ dataset or the conditional generator does not have) is raised before any compile
 from __future__ import annotations
 
 import functools
-import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -31,6 +29,7 @@ from cxrjax.models import encoder as encoder_lib
 from cxrjax.train import anomaly as anomaly_train
 from cxrjax.train import loop, optim
 from cxrjax.train import results as results_lib
+from cxrjax.train import workdir as workdir_lib
 
 GENERATOR_KIND = {"fanogan": "pggan", "ddpm": "ddpm"}
 TRAIN_COMMAND = {
@@ -161,19 +160,22 @@ def data_options(config, run_config) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config, workdir: str, *, stop_at: int | None = None, **workdir_options
+) -> dict[str, Any]:
     """Trains the encoder (f-AnoGAN) and evaluates on val/test; writes everything to workdir.
 
     Re-running on the same workdir resumes training exactly, or returns the saved results of a
-    finished run. `stop_at` stops training after that step with a checkpoint.
+    finished run; a workdir of another config is refused before anything is written
+    (`workdir.check`; `workdir_options`: overwrite, force_resume). `stop_at` stops training
+    after that step with a checkpoint.
     """
-    start = time.perf_counter()
+    clock = results_lib.Clock()
     validate(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    saved = anomaly.load_results(workdir)
-    if saved is not None:
-        logging.info("%s/results.json exists: this configuration is finished", workdir)
-        return saved
+    decision = workdir_lib.prepare(config, workdir, **workdir_options)
+    if decision.finished:
+        return decision.results
     run_config = check_generator(config)
     mesh = parallel.make_mesh()
     parallel.check_global_batch(int(config.eval.batch_size), mesh, "eval batch")
@@ -192,14 +194,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     normal_label = anomaly.class_label(
         normal_class, run.spec.class_names, generator.num_classes > 0
     )
-    if parallel.is_main_process():
-        config_lib.save_json(config, os.path.join(workdir, "config.json"))
-
     extra: dict[str, Any] = {}
     if config.method == "fanogan":
         trained = train_encoder(
-            config, workdir, run, splits["train"], spec, mesh, normal_label, stop_at=stop_at
-        )
+            config, workdir, run, splits["train"], spec, mesh, normal_label, stop_at=stop_at,
+            decision=decision, clock=clock,
+        )  # fmt: skip
         if not trained["finished"]:
             return {k: trained[k] for k in ("finished", "step", "preempted")}
         scorer = anomaly.FAnoGANScorer(
@@ -213,6 +213,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         )
         extra["training"] = trained["summary"]
     else:
+        decision.record(config)
         scorer = anomaly.DDPMScorer(
             run,
             normal_class=normal_class,
@@ -236,16 +237,30 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         mesh=mesh,
         extra={"config": config_lib.to_dict(config), **extra},
     )
-    results["wall_time_s"] = results_lib.elapsed(start)
+    results["wall_time_s"] = clock.total()
     if parallel.is_main_process():
         results_lib.save_results(os.path.join(workdir, "results.json"), results)
     return results
 
 
 def train_encoder(
-    config, workdir, run, train_source, spec, mesh, normal_label, *, stop_at=None
+    config,
+    workdir,
+    run,
+    train_source,
+    spec,
+    mesh,
+    normal_label,
+    *,
+    stop_at=None,
+    decision=None,
+    clock=None,
 ) -> dict[str, Any]:
-    """Encoder training on the normal training images; {"finished", "state", "step", ...}."""
+    """Encoder training on the normal training images; {"finished", "state", "step", ...}.
+
+    `decision`: the workdir check's outcome (default: checked here); `clock`: the run's."""
+    decision = decision or workdir_lib.check(config, workdir)
+    clock = clock or results_lib.Clock()
     generator = run.modules["generator"]
     discriminator = run.modules["discriminator"]
     resolution = run.resolution
@@ -291,7 +306,7 @@ def train_encoder(
     )
     signature = {
         "config_hash": config_lib.config_hash(
-            config,
+            decision.hash_config(config),
             ignore=(
                 "train.log_every",
                 "train.checkpoint_every",
@@ -309,15 +324,21 @@ def train_encoder(
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
     )
-    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
-    try:
+    with checkpoint_lib.closing_on_error(checkpointer):
         state, start_step = checkpoint_lib.restore_or_init(
             checkpointer,
             checkpoint_lib.abstract_like(abstract, replicated),
             lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
             train_iter,
             signature,
+            ignore=decision.signature_ignore,
         )
+        clock.resume(checkpointer.restored_meta)
+        decision.record(config)  # the run is accepted: now its config.json is (re)written
+    writer = writer_lib.MetricWriter(
+        workdir, enabled=parallel.is_main_process(), resume_step=start_step
+    )
+    try:
         outcome = loop.run(
             state=state,
             train_step=train_step,
@@ -337,12 +358,14 @@ def train_encoder(
             max_bad_fraction=pipeline.max_bad_fraction(config.data),
             label="train",
             stop_at=stop_at,
+            clock=clock,
         )
     finally:
         writer.close()
         checkpointer.close()
     finished = not outcome.preempted and outcome.step >= num_steps
-    losses = _losses(workdir, outcome.history)
+    history = writer_lib.read_history(workdir) or outcome.history  # every session, per step
+    losses = {str(int(r["step"])): r["train/loss"] for r in history if "train/loss" in r}
     summary = {
         "num_steps": num_steps,
         "start_step": int(start_step),
@@ -353,7 +376,7 @@ def train_encoder(
         "nonfinite_steps": int(jax.device_get(outcome.state.nonfinite_steps)),
         "losses": losses,
         "final_loss": losses[max(losses, key=int)] if losses else None,
-        "history": outcome.history,
+        "history": history,
     }
     return {
         "finished": finished,
@@ -363,13 +386,3 @@ def train_encoder(
         "encoder": encoder,
         "summary": summary,
     }
-
-
-def _losses(workdir: str, history: list[dict[str, Any]]) -> dict[str, float]:
-    """Logged training losses by step over the whole run (all sessions, via metrics.jsonl)."""
-    rows = list(history)
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    return {str(int(r["step"])): float(r["train/loss"]) for r in rows if "train/loss" in r}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ from cxrjax.metrics import writer as writer_lib
 from cxrjax.models import densenet
 from cxrjax.train import loop, optim
 from cxrjax.train import results as results_lib
+from cxrjax.train import workdir as workdir_lib
 from cxrjax.train.classifier import (
     DTYPES,
     class_weights,
@@ -284,25 +284,26 @@ def headline_auc(result: Mapping[str, Any]) -> float:
     return float(result["macro"]["auc"])
 
 
-def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config, workdir: str, *, stop_at: int | None = None, **workdir_options
+) -> dict[str, Any]:
     """Trains, picks the checkpoint on validation, evaluates test once; writes results.json.
 
     Re-running on the same workdir resumes an interrupted run, and returns the saved results
-    of a finished one without touching the test split again.
+    of a finished one without touching the test split again; a workdir of another config is
+    refused before anything is written (`workdir.check`; `workdir_options`: overwrite,
+    force_resume).
     """
-    start = time.perf_counter()
+    clock = results_lib.Clock()
     validate(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        logging.info("%s exists: this configuration is finished (test already read)", results_path)
-        with open(results_path, encoding="utf-8") as f:
-            return json.load(f)
+    decision = workdir_lib.prepare(config, workdir, **workdir_options)
+    if decision.finished:
+        return decision.results
     mesh = parallel.make_mesh()
     parallel.check_global_batch(config.train.global_batch_size, mesh)
     parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
-    if parallel.is_main_process():
-        config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
     splits, spec = load_splits(config.data)
     train_source, train_labels, training_data, dataset_suffix = training_source(
@@ -373,7 +374,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         return {"val/auc": headline_auc(result)}
 
     signature = {
-        "config_hash": config_lib.config_hash(config, ignore=HASH_IGNORE),
+        "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
         "global_batch_size": int(config.train.global_batch_size),
         "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
         + dataset_suffix,
@@ -385,14 +386,20 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         best_metric="val/auc" if config.train.eval_every else None,
     )
     abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
-    state, start_step = checkpoint_lib.restore_or_init(
-        checkpointer,
-        abstract_placed,
-        lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
-        train_iter,
-        signature,
+    with checkpoint_lib.closing_on_error(checkpointer):
+        state, start_step = checkpoint_lib.restore_or_init(
+            checkpointer,
+            abstract_placed,
+            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+            train_iter,
+            signature,
+            ignore=decision.signature_ignore,
+        )
+        clock.resume(checkpointer.restored_meta)
+        decision.record(config)  # the run is accepted: now its config.json is (re)written
+    writer = writer_lib.MetricWriter(
+        workdir, enabled=parallel.is_main_process(), resume_step=start_step
     )
-    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
     try:
         outcome = loop.run(
             state=state,
@@ -415,7 +422,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             nonfinite=config.train.nonfinite,
             max_bad_fraction=pipeline.max_bad_fraction(config.data),
             stop_at=stop_at,
+            clock=clock,
         )
+        writer.flush()
         if outcome.preempted or outcome.step < num_steps:
             return {"finished": False, "step": outcome.step, "preempted": outcome.preempted}
         state = outcome.state
@@ -449,10 +458,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                     "threshold": config.data.val_split,
                     "reported": config.data.test_split,
                 },
-                "history": outcome.history,
+                # Every session's rows, one per step (metrics.jsonl), not only this session's.
+                "history": writer_lib.read_history(workdir) or outcome.history,
             },
         )
-        results["wall_time_s"] = results_lib.elapsed(start)
+        results["wall_time_s"] = clock.total()
         if parallel.is_main_process():
             results_lib.save_results(results_path, results)
         return results

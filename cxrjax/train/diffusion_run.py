@@ -8,9 +8,7 @@ module wires them to the data pipeline ([-1, 1] images), the shared loop, Orbax 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -24,6 +22,7 @@ from cxrjax.data import builders, mixing, pipeline, sources
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.train import loop, optim
 from cxrjax.train import results as results_lib
+from cxrjax.train import workdir as workdir_lib
 from cxrjax.train.diffusion import (
     DTYPES,
     MODELS,
@@ -150,24 +149,24 @@ def sample_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "samples", f"step_{step:06d}.png")
 
 
-def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config, workdir: str, *, stop_at: int | None = None, **workdir_options
+) -> dict[str, Any]:
     """Trains the DDPM, saving EMA sample grids on the way; writes results.json at the end.
 
     Re-running on the same workdir resumes an interrupted run and returns the saved results of
-    a finished one.
+    a finished one; a workdir of another config is refused before anything is written
+    (`workdir.check`; `workdir_options`: overwrite, force_resume).
     """
-    start = time.perf_counter()
+    clock = results_lib.Clock()
     validate(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        logging.info("%s exists: this configuration is finished", results_path)
-        with open(results_path, encoding="utf-8") as f:
-            return json.load(f)
+    decision = workdir_lib.prepare(config, workdir, **workdir_options)
+    if decision.finished:
+        return decision.results
     mesh = parallel.make_mesh()
     parallel.check_global_batch(config.train.global_batch_size, mesh)
-    if parallel.is_main_process():
-        config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
     train_source, spec = load_train_split(config.data)
     if config.model.conditional and spec.label_kind != sources.MULTICLASS:
@@ -232,7 +231,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         return {"samples/mean": float(images.mean()), "samples/std": float(images.std())}
 
     signature = {
-        "config_hash": config_lib.config_hash(config, ignore=HASH_IGNORE),
+        "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
         "global_batch_size": int(config.train.global_batch_size),
         "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
         + mixing.subset_signature(config.data),
@@ -242,14 +241,20 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
     )
     abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
-    state, start_step = checkpoint_lib.restore_or_init(
-        checkpointer,
-        abstract_placed,
-        lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
-        train_iter,
-        signature,
+    with checkpoint_lib.closing_on_error(checkpointer):
+        state, start_step = checkpoint_lib.restore_or_init(
+            checkpointer,
+            abstract_placed,
+            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+            train_iter,
+            signature,
+            ignore=decision.signature_ignore,
+        )
+        clock.resume(checkpointer.restored_meta)
+        decision.record(config)  # the run is accepted: now its config.json is (re)written
+    writer = writer_lib.MetricWriter(
+        workdir, enabled=parallel.is_main_process(), resume_step=start_step
     )
-    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
     try:
         outcome = loop.run(
             state=state,
@@ -271,13 +276,16 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             nonfinite=config.train.nonfinite,
             max_bad_fraction=pipeline.max_bad_fraction(config.data),
             stop_at=stop_at,
+            clock=clock,
         )
+        writer.flush()
         if outcome.preempted or outcome.step < num_steps:
             return {"finished": False, "step": outcome.step, "preempted": outcome.preempted}
         state = outcome.state
         if not config.train.sample_every:
             sample_fn(state, outcome.step)
-        losses = _losses(workdir, outcome.history)
+        history = writer_lib.read_history(workdir) or outcome.history
+        losses = _losses(history)
         results = {
             "dataset": {
                 "name": config.data.name,
@@ -296,11 +304,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             "samples": sorted(
                 os.path.relpath(p, workdir) for p in _grids(os.path.join(workdir, "samples"))
             ),
-            "history": outcome.history,
+            "history": history,  # every session's rows, one per step
             "config": config_lib.to_dict(config),
             "software": results_lib.software_versions(),
             "device": results_lib.device_description(),
-            "wall_time_s": results_lib.elapsed(start),
+            "wall_time_s": clock.total(),
         }
         if parallel.is_main_process():
             results_lib.save_results(results_path, results)
@@ -310,14 +318,13 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
         checkpointer.close()
 
 
-def _losses(workdir: str, history: list[dict[str, Any]]) -> dict[str, float]:
-    """Logged training losses by step over the whole run (all sessions, via metrics.jsonl)."""
-    rows = list(history)
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    return {str(int(r["step"])): float(r["train/loss"]) for r in rows if "train/loss" in r}
+def _losses(history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Logged training losses by step over the whole run (all sessions; None = non-finite)."""
+    return {
+        str(int(r["step"])): None if r["train/loss"] is None else float(r["train/loss"])
+        for r in history
+        if "train/loss" in r
+    }
 
 
 def _grids(directory: str) -> list[str]:

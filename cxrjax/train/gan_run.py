@@ -10,10 +10,8 @@ iterator, so a stop anywhere, mid-fade included, resumes exactly.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-import time
 from typing import Any
 
 import grain
@@ -29,6 +27,7 @@ from cxrjax.data import builders, mixing, pipeline
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.train import gan, loop
 from cxrjax.train import results as results_lib
+from cxrjax.train import workdir as workdir_lib
 
 # Fields outside the config hash that checks a resumed run is the same run. The subset fields
 # enter the signature's "dataset" string when set instead, so older checkpoints still resume.
@@ -177,26 +176,28 @@ class GroupedBatches(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config, workdir: str, *, stop_at: int | None = None, **workdir_options
+) -> dict[str, Any]:
     """Trains PGGAN through every phase; writes samples/, checkpoints/, results.json.
 
     Re-running on the same workdir resumes (mid-phase included) and returns the saved results
-    of a finished run. `stop_at` stops after that global step with a checkpoint.
+    of a finished run; a workdir of another config is refused before anything is written
+    (`workdir.check`; `workdir_options`: overwrite, force_resume). `stop_at` stops after that
+    global step with a checkpoint.
     """
-    start_time = time.perf_counter()
+    clock = results_lib.Clock()
     validate(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path, encoding="utf-8") as f:
-            return json.load(f)
+    decision = workdir_lib.prepare(config, workdir, **workdir_options)
+    if decision.finished:
+        return decision.results
     mesh = parallel.make_mesh()
     sizes = batch_sizes(config)
     base_batch = math.gcd(*sizes.values())
     for batch in sorted(set(sizes.values())) + [base_batch]:
         parallel.check_global_batch(batch, mesh)
-    if parallel.is_main_process():
-        config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
     data = config.data
     options = {
@@ -236,7 +237,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     )
     train_iter = GroupedBatches(base_iter)
     signature = {
-        "config_hash": config_lib.config_hash(config, ignore=HASH_IGNORE),
+        "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
         "global_batch_size": base_batch,
         "batch_sizes": {str(r): b for r, b in sizes.items()},
         "dataset": f"{data.name}:{data.source_resolution}:{data.labels}"
@@ -246,14 +247,18 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
     )
-    state, step = checkpoint_lib.restore_or_init(
-        checkpointer,
-        checkpoint_lib.abstract_like(abstract, replicated),
-        lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
-        train_iter,
-        signature,
-    )
-    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process())
+    with checkpoint_lib.closing_on_error(checkpointer):
+        state, step = checkpoint_lib.restore_or_init(
+            checkpointer,
+            checkpoint_lib.abstract_like(abstract, replicated),
+            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
+            train_iter,
+            signature,
+            ignore=decision.signature_ignore,
+        )
+        clock.resume(checkpointer.restored_meta)
+        decision.record(config)  # the run is accepted: now its config.json is (re)written
+    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=step)
     sampler = Sampler(generator, config, spec, workdir)
     base_rng = parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh)
     history: list[dict[str, float]] = []
@@ -291,6 +296,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
                 max_bad_fraction=pipeline.max_bad_fraction(config.data),
                 label="train",
                 stop_at=stop_at,
+                clock=clock,
             )
             state, step = outcome.state, outcome.step
             history.extend(outcome.history)
@@ -312,11 +318,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
             else [],
             "class_names": list(spec.class_names),
             "train_records": len(train_source),
-            "history": history,
+            # Every session's rows, one per step (metrics.jsonl), not only this session's.
+            "history": writer_lib.read_history(workdir) or history,
             "config": config_lib.to_dict(config),
             "software": results_lib.software_versions(),
             "device": results_lib.device_description(),
-            "wall_time_s": results_lib.elapsed(start_time),
+            "wall_time_s": clock.total(),
         }
         if parallel.is_main_process():
             results_lib.save_results(results_path, results)
