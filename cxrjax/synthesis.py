@@ -8,6 +8,9 @@
 `synthesize` writes output/<class_name>/<generator>_s<seed>_<i:06d>.png and
 output/provenance.json, the layout the image_folder builder reads (its "class_names" keep the
 real dataset's label order). The same (workdir checkpoint, seed, options) give the same bytes.
+An output folder that already holds files is refused (`mode="new"`) unless told to add to it
+(`mode="append"`: provenance.json then lists every set and counts every file) or to replace
+the images it holds (`mode="overwrite"`); every PNG and provenance.json is written atomically.
 """
 
 from __future__ import annotations
@@ -24,22 +27,84 @@ import ml_collections
 import numpy as np
 
 from cxrjax import checkpoint as checkpoint_lib
-from cxrjax import parallel
+from cxrjax import config as config_lib
+from cxrjax import fileio, parallel
 from cxrjax.data import builders, imageio
 from cxrjax.train import diffusion as diffusion_train
 from cxrjax.train import gan, gan_run, optim
 
 GENERATORS = ("pggan", "ddpm")
 SAMPLERS = ("ddim", "ddpm")
+MODES = ("new", "append", "overwrite")
 UNCONDITIONAL_CLASS = "synthetic"
+PROVENANCE = "provenance.json"
+
+
+def run_kind(config) -> str:
+    """ "pggan" or "ddpm" from a generator run's config (its sections tell them apart)."""
+    if "schedule" in config and "diffusion" not in config:
+        return "pggan"
+    if "diffusion" in config:
+        return "ddpm"
+    return "unknown (not a generator)"
+
+
+def _existing_images(output: str) -> list[str]:
+    """Relative paths of the files under `output` (class folders included)."""
+    found = []
+    for root, _, names in os.walk(output):
+        found += [os.path.relpath(os.path.join(root, n), output) for n in names]
+    return sorted(found)
+
+
+def check_request(
+    kind: str, workdir: str, *, num_images: int, output: str, mode: str = "new", batch_size=1
+) -> None:
+    """Everything `synthesize` can refuse, checked before any file is written or compiled:
+    ConfigError naming the flag and value."""
+    if kind not in GENERATORS:
+        raise config_lib.ConfigError(f"--generator: must be one of {GENERATORS}, got {kind!r}")
+    for flag, value in (("num_images", num_images), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise config_lib.ConfigError(f"--{flag}: must be an integer >= 1, got {value!r}")
+    if mode not in MODES:
+        raise config_lib.ConfigError(f"mode: must be one of {MODES}, got {mode!r}")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    found = run_kind(_run_config(workdir))
+    if found != kind:
+        hint = f"use --generator={found}" if found in GENERATORS else "point it at a generator run"
+        raise config_lib.ConfigError(
+            f"--workdir={workdir} holds a {found} run (config.json), not a {kind} run; {hint}"
+        )
+    output = os.path.abspath(os.path.expanduser(output))
+    existing = _existing_images(output) if os.path.isdir(output) else []
+    if existing and mode == "new":
+        raise config_lib.ConfigError(
+            f"--output={output} already holds {len(existing)} files ({existing[0]}, ...); "
+            "use --append to add these images (provenance.json then describes every file), "
+            "--overwrite to replace them, or another --output"
+        )
+
+
+def _clear_output(output: str) -> None:
+    """--overwrite: removes the PNGs in class folders and provenance.json (nothing else)."""
+    if os.path.exists(os.path.join(output, PROVENANCE)):
+        os.remove(os.path.join(output, PROVENANCE))
+    for name in os.listdir(output):
+        folder = os.path.join(output, name)
+        if os.path.isdir(folder):
+            for image in os.listdir(folder):
+                if image.lower().endswith(".png"):
+                    os.remove(os.path.join(folder, image))
+            if not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {workdir} is not a generator run workdir")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(fileio.read_text(path)))
 
 
 def _dataset_spec(data, resolution) -> Any:
@@ -166,14 +231,14 @@ def _label_index(label, class_names: list[str], conditional: bool) -> int | None
     if label is None:
         return None
     if not conditional:
-        raise ValueError("label: this generator is unconditional; leave label unset")
+        raise config_lib.ConfigError("--label: this generator is unconditional; leave it unset")
     if isinstance(label, str) and not label.lstrip("-").isdigit():
         if label not in class_names:
-            raise ValueError(f"label {label!r} is not one of {class_names}")
+            raise config_lib.ConfigError(f"--label: {label!r} is not one of {class_names}")
         return class_names.index(label)
     index = int(label)
     if not 0 <= index < len(class_names):
-        raise ValueError(f"label {index} out of range for classes {class_names}")
+        raise config_lib.ConfigError(f"--label: {index} out of range for classes {class_names}")
     return index
 
 
@@ -190,16 +255,24 @@ def synthesize(
     steps: int = 50,
     guidance: float | None = None,
     eta: float | None = None,
+    mode: str = "new",
 ) -> dict[str, Any]:
     """Writes `num_images` PNGs under output/<class_name>/ plus output/provenance.json.
+
+    `mode`: "new" refuses an output folder holding files; "append" adds to it (file names
+    must not collide: use another seed) and rewrites provenance.json to describe every set;
+    "overwrite" first removes the PNGs and provenance.json it holds.
 
     `label` is a class index or name; None spreads the images evenly over the classes (image i
     gets class i mod K). Batch b draws from fold_in(PRNGKey(seed), b); the last batch is padded
     to `batch_size`, so one compile serves all and a seed always gives the same bytes.
     Returns the provenance.
     """
-    if num_images < 1 or batch_size < 1:
-        raise ValueError("num_images and batch_size must be positive")
+    check_request(
+        kind, workdir, num_images=num_images, output=output, mode=mode, batch_size=batch_size
+    )
+    output = os.path.abspath(os.path.expanduser(output))
+    previous = _read_provenance(output) if mode == "append" else None
     sample_fn, info = load_generator(
         kind, workdir, sampler=sampler, steps=steps, guidance=guidance, eta=eta
     )
@@ -211,7 +284,13 @@ def synthesize(
         labels = np.full((num_images,), index, np.int32)
     if not info["conditional"]:
         labels = np.zeros_like(labels)
-    output = os.path.abspath(os.path.expanduser(output))
+    names = [
+        f"{class_names[int(lab)]}/{kind}_s{int(seed)}_{i:06d}.png" for i, lab in enumerate(labels)
+    ]
+    if mode == "append":
+        _check_append(output, previous, names, class_names, info["resolution"])
+    if mode == "overwrite" and os.path.isdir(output) and parallel.is_main_process():
+        _clear_output(output)
     counts = {name: 0 for name in class_names}
     base = jax.random.PRNGKey(int(seed))
     for b, start in enumerate(range(0, num_images, batch_size)):
@@ -223,11 +302,9 @@ def synthesize(
             continue
         for offset, (image, lab) in enumerate(zip(images, chunk, strict=True)):
             name = class_names[int(lab)]
-            folder = os.path.join(output, name)
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{kind}_s{int(seed)}_{start + offset:06d}.png")
-            with open(path, "wb") as f:
-                f.write(imageio.encode_png(image))
+            fileio.write_bytes(
+                os.path.join(output, names[start + offset]), imageio.encode_png(image)
+            )
             counts[name] += 1
     provenance = {
         "generator": kind,
@@ -243,8 +320,43 @@ def synthesize(
         "resolution": info["resolution"],
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+    if previous is not None:
+        sets = previous.get("sets") or [{k: v for k, v in previous.items() if k != "sets"}]
+        provenance = {
+            **provenance,
+            "counts": {n: previous["counts"].get(n, 0) + counts[n] for n in class_names},
+            "num_images": int(previous["num_images"]) + int(num_images),
+            "sets": [*sets, dict(provenance)],
+        }
     if parallel.is_main_process():
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, "provenance.json"), "w", encoding="utf-8") as f:
-            json.dump(provenance, f, indent=2)
+        fileio.write_json(os.path.join(output, PROVENANCE), provenance)
     return provenance
+
+
+def _read_provenance(output: str) -> dict[str, Any] | None:
+    path = os.path.join(output, PROVENANCE)
+    return json.loads(fileio.read_text(path)) if os.path.exists(path) else None
+
+
+def _check_append(output, previous, names, class_names, resolution) -> None:
+    """--append adds to a folder this function wrote, of the same classes and resolution."""
+    existing = set(_existing_images(output)) if os.path.isdir(output) else set()
+    if existing and previous is None:
+        raise config_lib.ConfigError(
+            f"--append: {output} holds files but no {PROVENANCE}, so they cannot be described; "
+            "use --overwrite or another --output"
+        )
+    if previous is not None:
+        same = previous.get("class_names") == class_names
+        if not same or previous.get("resolution") != resolution:
+            raise config_lib.ConfigError(
+                f"--append: {output} holds classes {previous.get('class_names')} at "
+                f"{previous.get('resolution')} px; this generator makes {class_names} at "
+                f"{resolution} px; use another --output"
+            )
+    clash = sorted(existing.intersection(names))
+    if clash:
+        raise config_lib.ConfigError(
+            f"--append: {len(clash)} of the new files already exist ({clash[0]}, ...); "
+            "use another --seed"
+        )

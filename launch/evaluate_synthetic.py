@@ -20,6 +20,7 @@ cached under --cache_dir, keyed by extractor, checkpoint and image content.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags
 
@@ -131,11 +132,20 @@ def main(argv):
     common.setup()
     common.run_job(
         job,
-        lambda m: {
-            "output": os.path.abspath(os.path.expanduser(OUTPUT.value)),
-            **{key: m.get(key) for key in quality.DIRECTIONS},
-        },
+        summarize,
     )
+
+
+def summarize(metrics) -> dict:
+    """The one-line summary; small-sample caveats go to the console too (stderr, each with
+    "caveat:"), not only to metrics.json and report.md, and into the summary."""
+    for message in metrics.get("warnings") or []:
+        print(f"caveat: {message}", file=sys.stderr, flush=True)
+    return {
+        "output": os.path.abspath(os.path.expanduser(OUTPUT.value)),
+        **{key: metrics.get(key) for key in quality.DIRECTIONS},
+        "warnings": len(metrics.get("warnings") or []),
+    }
 
 
 if __name__ == "__main__":

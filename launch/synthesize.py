@@ -9,6 +9,8 @@ checkpoint's EMA weights, then (unless --prepare_as="") builds OUT as the image_
 NAME (default: `<basename of OUT>-<hash of its absolute path>`, so runA/syn and runB/syn never
 share a prepared dataset) at the generator's resolution, readable by the pipeline as
 `image_folder/<NAME>_r<resolution>` (data.name=image_folder, data.manual_dir=OUT).
+A non-empty OUT is refused unless --append (add; provenance.json describes every file) or
+--overwrite (replace its images).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 
 from absl import flags
 
+from cxrjax import config as config_lib
 from cxrjax import synthesis
 from cxrjax.data import builders
 from cxrjax.data.builders import image_folder
@@ -37,7 +40,28 @@ DATA_DIR = flags.DEFINE_string("data_dir", None, "Where to build the dataset (de
 PREPARE_AS = flags.DEFINE_string(
     "prepare_as", None, 'image_folder dataset name (default: basename-pathhash; "" = skip).'
 )
+APPEND = flags.DEFINE_bool(
+    "append", False, "Add to a non-empty --output (provenance.json then describes every file)."
+)
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the images a non-empty --output holds.")
 flags.mark_flags_as_required(["generator", "workdir", "num_images", "output"])
+
+
+def mode() -> str:
+    if APPEND.value and OVERWRITE.value:
+        raise config_lib.ConfigError("--append and --overwrite exclude each other")
+    return "append" if APPEND.value else "overwrite" if OVERWRITE.value else "new"
+
+
+def validate():
+    synthesis.check_request(
+        GENERATOR.value,
+        WORKDIR.value,
+        num_images=NUM_IMAGES.value,
+        output=OUTPUT.value,
+        mode=mode(),
+        batch_size=BATCH_SIZE.value,
+    )
 
 
 def job():
@@ -53,6 +77,7 @@ def job():
         steps=STEPS.value,
         guidance=GUIDANCE.value,
         eta=ETA.value,
+        mode=mode(),
     )
     output = os.path.abspath(os.path.expanduser(OUTPUT.value))
     name = PREPARE_AS.value
@@ -67,6 +92,7 @@ def job():
             folder_name=name,
             resolution=provenance["resolution"],
             class_names=provenance["class_names"],
+            overwrite=mode() != "new",  # the folder's images changed: rebuild its records
         )
         result["dataset"] = f"image_folder/{builder.info.config_name}"
         result["dataset_dir"] = str(builder.data_dir)
@@ -82,6 +108,7 @@ def main(argv):
             k: r.get(k)
             for k in ("output", "generator", "checkpoint_step", "counts", "dataset", "dataset_dir")
         },
+        validate=validate,
     )
 
 
