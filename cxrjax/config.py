@@ -192,7 +192,7 @@ UNIT = {"ge": 0, "lt": 1}  # [0, 1)
 # A field no pattern matches gets a rule from its value's type (finite numbers, bools, text).
 RULES: tuple[tuple[str, Rule], ...] = (
     *((f"*{name}", Rule(BOOL)) for name in ("enabled", "hflip", "remat", "conditional")),
-    *((f"*{name}", Rule(BOOL)) for name in ("balanced", "skip_corrupt")),
+    *((f"*{name}", Rule(BOOL)) for name in ("balanced", "skip_corrupt", "require_pretrained")),
     ("preset", text()),
     ("seed", integer(ge=0)),
     ("*.seed", integer(ge=0)),
@@ -233,7 +233,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("encoder.output", text(nonempty=True)),
     ("encoder.*", integer(ge=1)),
     # loss, diffusion, sampling
-    ("loss.class_weighting", choice("none", "balanced")),
+    ("loss.class_weighting", choice("none", "balanced", "chexnet")),
     ("loss.label_smoothing", number(**UNIT)),
     ("loss.*", number(ge=0)),
     ("diffusion.schedule", text(nonempty=True)),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cxrjax import config as config_lib
 from cxrjax import parallel
 from cxrjax.data import sources
 from cxrjax.models import densenet
@@ -43,17 +44,33 @@ def make_model(model_config: Mapping[str, Any], num_classes: int) -> densenet.De
     return densenet.DenseNet(num_classes=num_classes, dtype=DTYPES[model_config["dtype"]], **kwargs)
 
 
+WEIGHTINGS = ("none", "balanced", "chexnet")
+
+
 def class_weights(spec: sources.DatasetSpec, labels: np.ndarray, mode: str) -> np.ndarray:
-    """Per-class loss weights: multi-class `balanced` = N / (C * N_c); multi-label `balanced`
-    = N_neg / N_pos per finding (CheXNet's positive weighting). `none` = ones."""
+    """Per-class loss weights from the training labels.
+
+    `none`: ones. Multi-class `balanced` = N / (C * N_c); multi-label `balanced` = N_neg / N_pos
+    per finding (a positive weight; large for rare findings: Hernia ~ 500 on NIH).
+    `chexnet` (Rajpurkar et al. 2017, eq. 1): multi-label [2, C], positive terms weighted by
+    w+ = N_neg / N and negative terms by w- = N_pos / N, per finding (both in [0, 1]);
+    multi-class [C], the true class's weight 1 - N_c / N (the binary case of the same rule).
+    """
     num = spec.num_classes
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"class weighting must be one of {WEIGHTINGS}, got {mode!r}")
     if mode == "none":
         return np.ones(num, np.float32)
     if spec.label_kind == sources.MULTILABEL:
         positives = np.asarray(labels, np.float64).sum(axis=0)
         negatives = len(labels) - positives
+        if mode == "chexnet":
+            total = max(len(labels), 1)
+            return np.stack([negatives / total, positives / total]).astype(np.float32)
         return (negatives / np.maximum(positives, 1.0)).astype(np.float32)
     counts = np.bincount(np.asarray(labels, np.int64).reshape(-1), minlength=num).astype(np.float64)
+    if mode == "chexnet":
+        return (1.0 - counts / max(counts.sum(), 1.0)).astype(np.float32)
     return (counts.sum() / (num * np.maximum(counts, 1.0))).astype(np.float32)
 
 
@@ -64,9 +81,14 @@ def make_loss_fn(
 
     Multi-class: softmax cross-entropy on (optionally smoothed) one-hot labels, weighted by the
     true class's weight. Multi-label: per-finding sigmoid cross-entropy with positive terms
-    weighted by `weights` (pos_weight), smoothing toward 0.5.
+    weighted by `weights` [C] (pos_weight), or positive terms by `weights[0]` and negative
+    terms by `weights[1]` when `weights` is [2, C] (CheXNet); smoothing toward 0.5.
     """
     class_weight = jnp.asarray(weights, jnp.float32)
+    if class_weight.ndim == 2:
+        class_weight, negative_weight = class_weight[0], class_weight[1]
+    else:
+        negative_weight = jnp.ones_like(class_weight)
     multilabel = spec.label_kind == sources.MULTILABEL
     num_classes = spec.num_classes
 
@@ -78,7 +100,7 @@ def make_loss_fn(
                 targets = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing
             per_class = -(
                 class_weight * targets * jax.nn.log_sigmoid(logits)
-                + (1.0 - targets) * jax.nn.log_sigmoid(-logits)
+                + negative_weight * (1.0 - targets) * jax.nn.log_sigmoid(-logits)
             )
             per_example = per_class.mean(axis=-1)
         else:
@@ -89,6 +111,25 @@ def make_loss_fn(
         return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     return loss_fn
+
+
+def loss_from_probs(
+    spec: sources.DatasetSpec, weights: np.ndarray, labels: np.ndarray, probs: np.ndarray
+) -> float:
+    """The training loss (same weights, no smoothing) of predicted probabilities, on the host:
+    the validation loss that the val_plateau schedule watches."""
+    probs = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    weights = np.asarray(weights, np.float64)
+    if spec.label_kind == sources.MULTILABEL:
+        positive, negative = (weights[0], weights[1]) if weights.ndim == 2 else (weights, 1.0)
+        targets = np.asarray(labels, np.float64)
+        per_class = -(
+            positive * targets * np.log(probs) + negative * (1 - targets) * np.log(1 - probs)
+        )
+        return float(per_class.mean())
+    labels = np.asarray(labels, np.int64)
+    picked = probs[np.arange(len(labels)), labels]
+    return float(np.mean(-np.log(picked) * weights[labels]))
 
 
 # ----------------------------------------------------------------------------- state & steps
@@ -176,7 +217,8 @@ def make_train_step(
             "loss": loss,
             "accuracy": accuracy,
             "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
+            # val_plateau scales the updates after the schedule: report the effective rate.
+            "learning_rate": schedule(state.step) * optim.plateau_scale(state.opt_state),
             "nonfinite_steps": new_state.nonfinite_steps,
         }
         return new_state, metrics
@@ -216,3 +258,63 @@ def compile_steps(model, tx, loss_fn, schedule, mesh, abstract_state, *, ema_dec
         out_shardings=batch_sharding,
     )
     return train_step, predict
+
+
+class ValPlateau:
+    """Feeds validation losses to a val_plateau optimizer state (CheXNet's schedule).
+
+    The driver's eval function calls `observe(val_loss)`; the train step returned by `wrap`
+    applies a pending loss to the state (jitted `optim.plateau_observe`) just before its next
+    update, so every decision lives in the optimizer state that checkpoints save. The loss of
+    an evaluation at step S is applied after the checkpoint of step S was written, so a run
+    resumed at an evaluation step evaluates once more first (`resume`): the same state and
+    data give the same loss, and the run continues exactly as an uninterrupted one.
+    """
+
+    def __init__(self, optim_config: Mapping[str, Any], sharding: jax.sharding.Sharding):
+        factor = float(optim_config.get("plateau_factor", 0.1))
+        patience = int(optim_config.get("plateau_patience", 1))
+
+        def apply(state, loss):
+            return state.replace(
+                opt_state=optim.plateau_observe(state.opt_state, loss, factor, patience)
+            )
+
+        self._apply = jax.jit(apply, out_shardings=sharding, donate_argnums=0)
+        self._pending: float | None = None
+
+    def observe(self, val_loss: float) -> None:
+        self._pending = float(val_loss)
+
+    def wrap(self, train_step: Callable) -> Callable:
+        def step(state, batch, rng):
+            if self._pending is not None:
+                state = self._apply(state, np.float32(self._pending))
+                self._pending = None
+            return train_step(state, batch, rng)
+
+        return step
+
+    def resume(self, eval_fn: Callable, state: Any, start_step: int, eval_every: int) -> None:
+        """Re-observes the evaluation a resumed run's checkpoint was saved right after."""
+        if start_step > 0 and eval_every > 0 and start_step % eval_every == 0:
+            eval_fn(state, start_step)
+
+
+def check_recipe(config) -> None:
+    """Requirements between fields (ConfigError naming the field): val_plateau watches the
+    validation loss, so it needs evaluations; a preset that declares
+    `model.require_pretrained` (CheXNet) starts from ImageNet weights, never silently from
+    scratch."""
+    config_lib.check(
+        config.optim.schedule != "val_plateau" or config.train.eval_every > 0,
+        "optim.schedule",
+        "'val_plateau' needs train.eval_every > 0 (it watches the validation loss)",
+    )
+    config_lib.check(
+        not config.model.get("require_pretrained", False) or bool(config.model.pretrained),
+        "model.pretrained",
+        "this preset starts from ImageNet weights: pass torchvision's densenet121 state_dict "
+        "(e.g. densenet121-a639ec97.pth) as --config.model.pretrained=PATH, or "
+        "--config.model.require_pretrained=False to train from scratch",
+    )

@@ -19,12 +19,14 @@ import numpy as np
 from absl import logging
 
 from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import chexnet, fileio, parallel, report
 from cxrjax import config as config_lib
-from cxrjax import fileio, parallel, report
 from cxrjax.data import builders, mixing, pipeline, sources
+from cxrjax.metrics import calibration
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.models import densenet
+from cxrjax.train import classifier as classifier_lib
 from cxrjax.train import loop, optim
 from cxrjax.train import results as results_lib
 from cxrjax.train import workdir as workdir_lib
@@ -85,7 +87,7 @@ def validate(config) -> None:
     config_lib.check_choice(config, "model.name", tuple(densenet.MODELS))
     config_lib.check_choice(config, "model.stem", densenet.STEMS)
     config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
-    config_lib.check_choice(config, "loss.class_weighting", ("none", "balanced"))
+    config_lib.check_choice(config, "loss.class_weighting", classifier_lib.WEIGHTINGS)
     config_lib.check_choice(config, "train.select", ("best", "last"))
     config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
     pipeline.check_bad_records(config)
@@ -145,6 +147,7 @@ def validate(config) -> None:
             f"weights file {config.model.pretrained!r} does not exist",
         )
     optim.validate(config.optim)
+    classifier_lib.check_recipe(config)
 
 
 def _dataset_options(data) -> dict[str, Any]:
@@ -322,10 +325,10 @@ def train_and_evaluate(
     if config.model.pretrained:
         from cxrjax.models import torch_import
 
-        abstract_vars = jax.eval_shape(
-            lambda: model.init(rng, jnp.zeros((1, *image_shape)), train=False)
-        )
-        variables = torch_import.load_pretrained(config.model.pretrained, abstract_vars)
+        # Concrete variables, not eval_shape's: a head that does not fit the checkpoint
+        # (ImageNet's 1000 classes -> 14 findings) keeps its initial values.
+        init_vars = model.init(rng, jnp.zeros((1, *image_shape)), train=False)
+        variables = torch_import.load_pretrained(config.model.pretrained, init_vars)
         init_fn = functools.partial(init_fn, variables=variables)
     abstract = jax.eval_shape(init_fn, rng)
     replicated = parallel.replicated(mesh)
@@ -365,13 +368,23 @@ def train_and_evaluate(
             num_workers=config.data.num_workers,
         )
 
+    plateau = None
+    if config.optim.schedule == "val_plateau":  # CheXNet: lr / 10 when validation loss stalls
+        plateau = classifier_lib.ValPlateau(config.optim, replicated)
+        train_step = plateau.wrap(train_step)
+
     def eval_fn(state, step):
         del step
         out = predict_split(predict, state, eval_batches("val"), mesh)
         result = cls_metrics.evaluate(
             out["labels"], out["probs"], class_names=spec.class_names, n_bootstrap=0
         )
-        return {"val/auc": headline_auc(result)}
+        metrics = {"val/auc": headline_auc(result)}
+        if plateau is not None:
+            loss = classifier_lib.loss_from_probs(spec, weights, out["labels"], out["probs"])
+            metrics["val/loss"] = loss
+            plateau.observe(loss)
+        return metrics
 
     signature = {
         "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
@@ -397,6 +410,8 @@ def train_and_evaluate(
         )
         clock.resume(checkpointer.restored_meta)
         decision.record(config)  # the run is accepted: now its config.json is (re)written
+    if plateau is not None:
+        plateau.resume(eval_fn, state, start_step, config.train.eval_every)
     writer = writer_lib.MetricWriter(
         workdir, enabled=parallel.is_main_process(), resume_step=start_step
     )
@@ -486,6 +501,11 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
     val_result = cls_metrics.evaluate(val["labels"], val["probs"], threshold=threshold, **common)
     test = predict_split(predict, state, eval_batches("test"), mesh)  # The only read of test.
     test_result = cls_metrics.evaluate(test["labels"], test["probs"], threshold=threshold, **common)
+    # Calibration (temperature fitted on validation) and, on the NIH findings, the paper's AUCs.
+    figure = os.path.join(workdir, "reliability.png") if parallel.is_main_process() else None
+    extra = {**extra, "calibration": calibration.evaluate(val, test, **common, figure_path=figure)}
+    if chexnet.applies(spec.class_names):
+        extra["chexnet_comparison"] = chexnet.comparison(test_result)
     results = {
         "dataset": {
             "name": config.data.name,
@@ -664,4 +684,8 @@ def write_markdown(
         "",
         "![ROC](roc.png)" if os.path.exists(os.path.join(os.path.dirname(path), "roc.png")) else "",
     ]
+    if "calibration" in results:
+        lines += ["", calibration.markdown(results["calibration"])]
+    if "chexnet_comparison" in results:
+        lines += ["", chexnet.markdown(results["chexnet_comparison"])]
     fileio.write_text(path, "\n".join(lines) + "\n")

@@ -1,21 +1,97 @@
-"""Optimizers and learning-rate schedules from a config section (optax only)."""
+"""Optimizers and learning-rate schedules from a config section (optax only).
+
+Schedules: constant, cosine (warm-up + cosine decay), plateau (optax's reduce_on_plateau on the
+training loss) and val_plateau (CheXNet: the learning rate is multiplied by `plateau_factor`
+after `plateau_patience` evaluations without a better *validation* loss). val_plateau keeps its
+scale, best loss and count in the optimizer state (`PlateauState`, so checkpoints carry it);
+the driver feeds each validation loss through `plateau_observe`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from cxrjax import config as config_lib
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "plateau")
+SCHEDULES = ("constant", "cosine", "plateau", "val_plateau")
+PLATEAU_RTOL = 1e-4  # "better" = below best * (1 - rtol), as torch's ReduceLROnPlateau
 # Field rules (config.check_fields) for the trainers that build their optimizer here.
 RULES = (
     ("optim.name", config_lib.choice(*OPTIMIZERS)),
     ("optim.schedule", config_lib.choice(*SCHEDULES)),
 )
+
+
+class PlateauState(NamedTuple):
+    """val_plateau's state: current scale of the updates, best validation loss, evaluations
+    since it improved, and decays so far."""
+
+    scale: jax.Array
+    best: jax.Array
+    bad_evals: jax.Array
+    decays: jax.Array
+
+
+def scale_by_val_plateau() -> optax.GradientTransformation:
+    """Multiplies updates by the plateau scale; `plateau_observe` changes the scale."""
+
+    def init_fn(params):
+        del params
+        return PlateauState(
+            scale=jnp.ones((), jnp.float32),
+            # Finite (the loop refuses to checkpoint a state holding inf): any loss beats it.
+            best=jnp.full((), jnp.finfo(jnp.float32).max, jnp.float32),
+            bad_evals=jnp.zeros((), jnp.int32),
+            decays=jnp.zeros((), jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: u * state.scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_plateau(node) -> bool:
+    return isinstance(node, PlateauState)
+
+
+def plateau_observe(opt_state: Any, val_loss: jax.Array, factor: float, patience: int) -> Any:
+    """The optimizer state after one validation loss (pure; jit it). No-op without val_plateau.
+
+    Better = below best * (1 - PLATEAU_RTOL); after `patience` evaluations in a row that are
+    not better, the scale is multiplied by `factor` and the count restarts.
+    """
+
+    def observe(node):
+        if not _is_plateau(node):
+            return node
+        better = val_loss < node.best * (1.0 - PLATEAU_RTOL)
+        bad = jnp.where(better, 0, node.bad_evals + 1)
+        decay = bad >= patience
+        return PlateauState(
+            scale=jnp.where(decay, node.scale * factor, node.scale).astype(jnp.float32),
+            best=jnp.where(better, val_loss, node.best).astype(jnp.float32),
+            bad_evals=jnp.where(decay, 0, bad).astype(jnp.int32),
+            decays=(node.decays + decay).astype(jnp.int32),
+        )
+
+    return jax.tree.map(observe, opt_state, is_leaf=_is_plateau)
+
+
+def plateau_scale(opt_state: Any) -> jax.Array:
+    """The product of the val_plateau scales in an optimizer state (1 without val_plateau)."""
+    scale = jnp.ones((), jnp.float32)
+    for node in jax.tree.leaves(opt_state, is_leaf=_is_plateau):
+        if _is_plateau(node):
+            scale = scale * node.scale
+    return scale
 
 
 def validate(optim: Mapping[str, Any]) -> None:
@@ -81,6 +157,10 @@ def make_optimizer(
     if name == "sgd" and optim.get("weight_decay"):
         parts.append(optax.add_decayed_weights(float(optim["weight_decay"])))
     parts.append(base)
+    if optim["schedule"] == "val_plateau":
+        if int(optim.get("plateau_patience", 1)) < 1:
+            raise config_lib.ConfigError("config.optim.plateau_patience: val_plateau needs >= 1")
+        parts.append(scale_by_val_plateau())
     if optim["schedule"] == "plateau":
         parts.append(
             optax.contrib.reduce_on_plateau(

@@ -104,24 +104,8 @@ def test_corrupt_dicom_is_named_or_skipped_and_listed(tmp_path):
 
 # --- label CSVs and patients --------------------------------------------------------------------
 
-FINDINGS = ("Effusion", "Nodule", "Mass")
-
-
-def write_csv_folder(root, num_patients=12, films=2, split_column=False):
-    """NIH-named PNGs under nested folders + labels.csv (path, findings, patient, [split])."""
-    rng = np.random.default_rng(0)
-    lines = ["path,Effusion,Nodule,Mass,patient_id,age" + (",split" if split_column else "")]
-    for patient in range(num_patients):
-        for film in range(films):
-            name = f"{patient + 1:08d}_{film:03d}.png"
-            testing.write_image(root / f"images_{patient % 2}" / name, patient * 10 + film)
-            hot = rng.integers(0, 2, len(FINDINGS))
-            row = f"{name},{','.join(map(str, hot))},P{patient},{40 + patient}"
-            if split_column:
-                row += ",test" if patient == 0 or (patient == 1 and film == 0) else ",train"
-            lines.append(row)
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
-    return root
+FINDINGS = testing.CSV_FINDINGS
+write_csv_folder = testing.write_labelled_folder
 
 
 def test_csv_multilabel_folder_is_multilabel_with_patient_splits(tmp_path):

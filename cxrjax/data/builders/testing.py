@@ -284,3 +284,29 @@ def write_png16(path: pathlib.Path, pixels: np.ndarray, sbit: int | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+CSV_FINDINGS = ("Effusion", "Nodule", "Mass")
+
+
+def write_labelled_folder(
+    root: pathlib.Path, num_patients: int = 12, films: int = 2, split_column: bool = False
+) -> pathlib.Path:
+    """NIH-named PNGs in two nested folders + labels.csv with finding columns, patient_id, an
+    ignored age column and (split_column) a split column where patient 1 is in train and test."""
+    rng = np.random.default_rng(0)
+    header = (
+        "path," + ",".join(CSV_FINDINGS) + ",patient_id,age" + (",split" if split_column else "")
+    )
+    lines = [header]
+    for patient in range(num_patients):
+        for film in range(films):
+            name = f"{patient + 1:08d}_{film:03d}.png"
+            write_image(root / f"images_{patient % 2}" / name, patient * 10 + film)
+            hot = rng.integers(0, 2, len(CSV_FINDINGS))
+            row = f"{name},{','.join(map(str, hot))},P{patient},{40 + patient}"
+            if split_column:
+                row += ",test" if patient == 0 or (patient == 1 and film == 0) else ",train"
+            lines.append(row)
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
