@@ -52,7 +52,7 @@ class CheckpointError(RuntimeError):
 _UNCOMMITTED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
-CHECKSUM_ALGORITHM = "u32-weighted-bit-sum-v1"
+CHECKSUM_ALGORITHM = "u32-weighted-bit-sum-v2"  # {leaf path: sum}
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:
@@ -83,12 +83,23 @@ def _fingerprint(leaves: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Arr
     return sums, finite
 
 
+def _path_name(path) -> str:
+    """ "params/block/kernel" for a leaf path, the same for a dataclass and a restored dict."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
 def fingerprint(state: Any) -> tuple[list[str], list[int], list[bool]]:
     """(leaf paths, checksums, finite flags) of a pytree of arrays."""
     paths, leaves = [], []
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
-            paths.append(jax.tree_util.keystr(path))
+            paths.append(_path_name(path))
             leaves.append(leaf)
     if not leaves:
         return [], [], []
@@ -101,12 +112,11 @@ def verify(state: Any, meta: Mapping[str, Any], step: int) -> None:
     paths, sums, finite = fingerprint(state)
     recorded = (meta or {}).get("checksum")
     if recorded and recorded.get("algorithm") == CHECKSUM_ALGORITHM:
-        if len(recorded["leaves"]) != len(sums):
-            raise CheckpointError(
-                f"step {step}: {len(sums)} leaves, checksum lists {len(recorded['leaves'])}"
-            )
-        for path, saved, now in zip(paths, recorded["leaves"], sums, strict=True):
-            if int(saved) != now:
+        saved_sums = recorded["leaves"]
+        for path, now in zip(paths, sums, strict=True):
+            if path not in saved_sums:
+                raise CheckpointError(f"step {step}: {path} has no recorded checksum")
+            if int(saved_sums[path]) != now:
                 raise CheckpointError(
                     f"step {step}: the content of {path} differs from what was saved "
                     "(checksum mismatch: the files changed after the save)"
@@ -237,8 +247,8 @@ class Checkpointer:
         force: bool = True,
     ) -> bool:
         """Starts an async save of `step`; every process must call it (collective)."""
-        _, sums, _ = fingerprint(state)
-        checksum = {"algorithm": CHECKSUM_ALGORITHM, "leaves": sums}
+        paths, sums, _ = fingerprint(state)
+        checksum = {"algorithm": CHECKSUM_ALGORITHM, "leaves": dict(zip(paths, sums, strict=True))}
         items = {
             STATE: ocp.args.StandardSave(state),
             META: ocp.args.JsonSave(dict(metadata or {}, step=int(step), checksum=checksum)),

@@ -110,7 +110,7 @@ def test_missing_weights_fail_before_any_compute(tmp_path):
         f"--data_dir={tmp_path / 'no_data'}",
         timeout=120,
     )
-    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.returncode == 2, done.stderr[-2000:]
     assert "releases/download/fid_weights/pt_inception-2015-12-05" in done.stderr
     assert not (tmp_path / "no_data").exists()  # no dataset was read or prepared
     assert not (tmp_path / "out" / "metrics.json").exists()

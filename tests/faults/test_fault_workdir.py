@@ -31,6 +31,6 @@ def test_train_entry_point_fails_before_reading_data(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )  # fmt: skip
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]  # a wrong request: exit 2
     assert f"error: --workdir={blocker / 'wd'} is not a writable directory" in done.stderr
     assert not data_dir.exists()
