@@ -61,12 +61,12 @@ def fail(error: BaseException | str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's flag parsing with every error as one line and exit 2 (`app.run(flags_parser=)`):
     unknown flags, bad values, and ml_collections' override errors (an unknown
     `--config.field`, a value of the wrong type), which otherwise print chained tracebacks."""
     try:
-        return flags.FLAGS(list(argv))
+        return flag_values(list(argv))
     except flags.Error as error:
         fail(f"{one_line(error)} (--helpfull lists the flags)")
     except (KeyError, AttributeError, TypeError, ValueError) as error:

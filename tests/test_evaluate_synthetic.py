@@ -76,6 +76,10 @@ def test_entry_point_writes_metrics_report_and_figures(
         block = metrics["per_class"][name]
         assert all(isinstance(block[key], float) for key in quality.DIRECTIONS)
     assert metrics["sizes"]["real"] == 468 and metrics["sizes"]["synthetic"] == 44
+    # 44 synthetic images in 256-d features: the small-sample caveats reach the console (#19).
+    assert metrics["warnings"], "expected small-sample warnings"
+    for message in metrics["warnings"]:
+        assert f"caveat: {message}" in done.stderr
     assert metrics["sizes"]["train"] == 2428  # default --real_train: the train split
     assert metrics["sizes"]["synthetic_per_class"] == {"normal": 20, "pneumonia": 24}
     assert metrics["data"]["train"] == "pneumonia_mnist/subset_r28:train"
