@@ -98,8 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
                     count=0,  # synthetic records drawn (without replacement); 0 = all
                     fraction=0.0,  # or: their share of the mixed training set (0 = use count)
                     label="",  # "" = by class folder name; a class name = that class for all
+                    # True: train on the synthetic images alone (classification accuracy
+                    # score, Ravuri & Vinyals 2019); validation and test stay real.
+                    only=False,
                 )
             ),
+            # The same-prior control for synthetic data: repeat the kept records of
+            # data.keep_class until that class holds round(balance x its full training count)
+            # records (balance > 0), or its kept count + `count` (count > 0).
+            oversample=ml_collections.ConfigDict(dict(balance=0.0, count=0)),
             mean=0.5,  # classifier normalisation: (x / 255 - mean) / std
             std=0.25,
             augment=ml_collections.ConfigDict(

@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
             keep_fraction=1.0,
             keep_seed=0,
             num_workers=0,
+            # Class-balanced epochs (multi-class, conditional models): every class is drawn
+            # equally often, so a scarce class is learnt as fast as the common ones.
+            balanced=False,
             skip_corrupt=False,
             # Unreadable training images: "error" stops naming the record; "mask" swaps in the
             # next readable one and counts it, stopping above max_bad_fraction of those seen.

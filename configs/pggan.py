@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
             keep_fraction=1.0,
             keep_seed=0,
             num_workers=0,
+            # Class-balanced epochs (multi-class, conditional models): every class is drawn
+            # equally often, so a scarce class is learnt as fast as the common ones.
+            balanced=False,
             skip_corrupt=False,
             # Unreadable training images: "error" stops naming the record; "mask" swaps in the
             # next readable one and counts it, stopping above max_bad_fraction of those seen.
@@ -96,6 +99,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.schedule.update(fade_images=2048, stable_images=2048)
         config.optim.ema_decay = 0.99
         config.train.update(global_batch_size=16, log_every=32, checkpoint_every=128)
+    elif preset == "pneumonia_mnist_scarce":
+        # The experiment demo's PGGAN (configs/experiment.py:demo), trained on its scarce split
+        # (10 % of the normals, scarcity seed 0) with class-balanced batches, 3072 images per
+        # phase and an EMA of 0.999 with warm-up. Its exported generator ships in the package
+        # (cxrjax/resources/generators/); this preset is the command that retrains it.
+        config.data.update(
+            source_resolution=32,
+            resolution=32,
+            keep_class="normal",
+            keep_fraction=0.1,
+            keep_seed=0,
+            balanced=True,
+        )
+        config.model.update(name="demo32", conditional=True, mbstd_group_size=4)
+        config.schedule.update(fade_images=3072, stable_images=3072)
+        config.optim.ema_decay = 0.999
+        config.train.update(global_batch_size=16, log_every=64, checkpoint_every=192)
     else:
-        raise ValueError(f"unknown pggan preset {preset!r}; choose tiny or pneumonia_mnist")
+        raise ValueError(
+            f"unknown pggan preset {preset!r}; choose tiny, pneumonia_mnist or "
+            "pneumonia_mnist_scarce"
+        )
     return config

@@ -188,8 +188,13 @@ def inception_extractor(weights_path: str) -> Extractor:
     )
 
 
-def cxr_extractor(workdir: str, *, step: int | None = None) -> Extractor:
+def cxr_extractor(
+    workdir: str, *, step: int | None = None, probabilities: bool = False
+) -> Extractor:
     """Pooled penultimate features of a train_classifier run's checkpoint.
+
+    `probabilities=True` gives the class probabilities instead (softmax; sigmoid for
+    multi-label), as a judge of what class an image looks like (`cxrjax.metrics.utility`).
 
     The model and its input preprocessing come from the run's config.json. The number of
     classes (the shape of the checkpoint's head) comes from the run's dataset, opened as
@@ -248,7 +253,9 @@ def cxr_extractor(workdir: str, *, step: int | None = None) -> Extractor:
         std=float(config.data.std),
         resolution=resolution,
         spec=f"cxr:{workdir}",
-        fingerprint=f"cxr:{workdir}:step{step}:{config_hash}:{saved_at:.0f}",
+        fingerprint=f"cxr:{workdir}:step{step}:{config_hash}:{saved_at:.0f}"
+        + (":probs" if probabilities else ""),
+        probabilities=(spec.label_kind if probabilities else None),
         info={
             "workdir": workdir,
             "checkpoint_step": int(step),
@@ -269,6 +276,7 @@ def classifier_extractor(
     spec: str,
     fingerprint: str,
     info: dict[str, Any] | None = None,
+    probabilities: str | None = None,
 ) -> Extractor:
     """Pooled DenseNet features of given variables: resize to `resolution` on the host, then
     (x - mean) / std, then `model.features`. `cxr_extractor` builds one from a workdir; the
@@ -277,11 +285,17 @@ def classifier_extractor(
     def apply_fn(params, images):
         return model.apply(params, (images - mean) / std, method="features")
 
+    def probs_fn(params, images):
+        logits = model.apply(params, (images - mean) / std, train=False).astype(jnp.float32)
+        if probabilities == "multilabel":
+            return jax.nn.sigmoid(logits)
+        return jax.nn.softmax(logits, axis=-1)
+
     return Extractor(
         spec=spec,
-        kind="cxr",
-        dim=model.num_features,
-        apply_fn=apply_fn,
+        kind="cxr-probs" if probabilities else "cxr",
+        dim=model.num_classes if probabilities else model.num_features,
+        apply_fn=probs_fn if probabilities else apply_fn,
         params=variables,
         fingerprint=fingerprint,
         input_size=resolution,

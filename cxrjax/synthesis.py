@@ -119,9 +119,80 @@ def _dataset_spec(data, resolution) -> Any:
     return builders.spec(builders.prepare(data.name, **options))
 
 
+# An exported generator: the sampling (and scoring) weights of a finished run without its
+# optimizer state, small enough to ship (cxrjax/resources/generators/): config.json,
+# results.json and this file, a flat npz of "<state field>/<param path>" arrays.
+EXPORT_FILE = "generator.npz"
+EXPORTED_FIELDS = {"pggan": ("g_ema_params", "d_params"), "ddpm": ("ema_params",)}
+
+
+def export_generator(kind: str, workdir: str, output: str) -> str:
+    """Writes `output` as an exported generator of the finished run in `workdir`.
+
+    Keeps the EMA weights (and the PGGAN discriminator, which f-AnoGAN scores with), the run's
+    config.json and results.json; `load_generator` and `cxrjax.anomaly` read it like the run.
+    """
+    from flax import traverse_util
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = _run_config(workdir)
+    abstract = _abstract_state(kind, config)
+    state, step = _restore_latest(workdir, abstract)
+    arrays = {}
+    for field in EXPORTED_FIELDS[kind]:
+        flat = traverse_util.flatten_dict(jax.device_get(getattr(state, field)), sep="/")
+        arrays.update({f"{field}/{key}": np.asarray(value) for key, value in flat.items()})
+    os.makedirs(output, exist_ok=True)
+    fileio.save_npz(os.path.join(output, EXPORT_FILE), step=np.int64(step), **arrays)
+    for name in ("config.json", "results.json"):
+        source = os.path.join(workdir, name)
+        if os.path.exists(source):
+            fileio.write_bytes(os.path.join(output, name), open(source, "rb").read())
+    return output
+
+
+def _abstract_state(kind: str, config) -> Any:
+    rng0 = jax.random.PRNGKey(int(config.seed))
+    resolution = int(config.data.resolution)
+    if kind == "pggan":
+        spec = _dataset_spec(config.data, config.data.source_resolution)
+        generator, discriminator = gan.make_models(config.model, spec.num_classes, resolution)
+        tx = gan.make_optimizer(config.optim)
+        init_fn = functools.partial(gan_run.init_state_fn, generator, discriminator, tx, tx)
+    else:
+        spec = _dataset_spec(config.data, config.data.resolution)
+        model = diffusion_train.make_model(config.model, spec.num_classes)
+        tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
+        image_shape = (resolution, resolution, 1)
+        init_fn = functools.partial(diffusion_train.init_state, model, tx, image_shape=image_shape)
+    return jax.eval_shape(init_fn, rng0)
+
+
+def _restore_exported(path: str, abstract) -> tuple[Any, int]:
+    """The abstract state with its exported fields filled in (the rest stay abstract)."""
+    from flax import traverse_util
+
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    step = int(arrays.pop("step"))
+    fields = {}
+    for field in {key.split("/", 1)[0] for key in arrays}:
+        target = traverse_util.flatten_dict(getattr(abstract, field), sep="/")
+        flat = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(field + "/")}
+        if set(flat) != set(target) or any(flat[k].shape != target[k].shape for k in target):
+            raise ValueError(f"{path}: {field} does not fit this config's model")
+        fields[field] = traverse_util.unflatten_dict(
+            {k: jax.numpy.asarray(v, target[k].dtype) for k, v in flat.items()}, sep="/"
+        )
+    return abstract.replace(**fields), step
+
+
 def _restore_latest(workdir: str, abstract) -> tuple[Any, int]:
     directory = os.path.join(workdir, "checkpoints")
     missing = FileNotFoundError(f"no checkpoint in {workdir} (looked in {directory})")
+    exported = os.path.join(workdir, EXPORT_FILE)
+    if not os.path.isdir(directory) and os.path.exists(exported):
+        return _restore_exported(exported, abstract)
     if not os.path.isdir(directory):
         raise missing
     checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
@@ -360,3 +431,90 @@ def _check_append(output, previous, names, class_names, resolution) -> None:
             f"--append: {len(clash)} of the new files already exist ({clash[0]}, ...); "
             "use another --seed"
         )
+
+
+def synthesize_filtered(
+    kind: str,
+    workdir: str,
+    *,
+    num_images: int,
+    output: str,
+    intended: str,
+    judge: Callable[[np.ndarray], np.ndarray],
+    judge_class_names: list[str],
+    thresholds: dict[str, float | None],
+    max_attempts: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance: float | None = None,
+    eta: float | None = None,
+) -> dict[str, Any]:
+    """Like `synthesize`, keeping only images a judge accepts as class `intended`.
+
+    `judge(uint8 [B, H, W]) -> probabilities [B, K]` over `judge_class_names`; an image is kept
+    when the judge's top class is `intended` and its confidence >= thresholds[intended]
+    (`cxrjax.metrics.utility.accept`). Samples in batches until `num_images` are kept or
+    `max_attempts` images were drawn; provenance.json records attempts, acceptance rate, the
+    thresholds and whether the cap stopped it short (`shortfall` > 0).
+    """
+    from cxrjax.metrics import utility
+
+    check_request(kind, workdir, num_images=num_images, output=output, batch_size=batch_size)
+    if intended not in judge_class_names:
+        raise config_lib.ConfigError(f"intended class {intended!r} not in {judge_class_names}")
+    output = os.path.abspath(os.path.expanduser(output))
+    sample_fn, info = load_generator(
+        kind, workdir, sampler=sampler, steps=steps, guidance=guidance, eta=eta
+    )
+    class_names = info["class_names"]
+    label = _label_index(intended, class_names, info["conditional"]) if info["conditional"] else 0
+    judge_label = judge_class_names.index(intended)
+    labels = np.full((batch_size,), label, np.int32)
+    base = jax.random.PRNGKey(int(seed))
+    kept, attempts, batch_index = 0, 0, 0
+    folder = class_names[label]
+    while kept < num_images and attempts < max_attempts:
+        images = sample_fn(jax.random.fold_in(base, batch_index), labels)
+        batch_index += 1
+        take = min(batch_size, max_attempts - attempts)
+        images = images[:take]
+        attempts += take
+        probs = np.asarray(judge(images))
+        mask = utility.accept(
+            probs, np.full(len(images), judge_label), thresholds, judge_class_names
+        )
+        for image in images[mask][: num_images - kept]:
+            if parallel.is_main_process():
+                name = f"{folder}/{kind}_s{int(seed)}_f{kept:06d}.png"
+                fileio.write_bytes(os.path.join(output, name), imageio.encode_png(image))
+            kept += 1
+    provenance = {
+        "generator": kind,
+        "workdir": info["workdir"],
+        "checkpoint_step": info["checkpoint_step"],
+        "seed": int(seed),
+        "sampler": info["sampler"],
+        "steps": info["steps"],
+        "guidance": info["guidance"],
+        "class_names": class_names,
+        "counts": {name: (kept if name == folder else 0) for name in class_names},
+        "num_images": int(kept),
+        "requested": int(num_images),
+        "resolution": info["resolution"],
+        "filter": {
+            "intended": intended,
+            "threshold": thresholds.get(intended),
+            "thresholds": thresholds,
+            "attempts": int(attempts),
+            "accepted": int(kept),
+            "acceptance_rate": kept / attempts if attempts else None,
+            "max_attempts": int(max_attempts),
+            "shortfall": int(num_images - kept),
+        },
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if parallel.is_main_process():
+        fileio.write_json(os.path.join(output, PROVENANCE), provenance)
+    return provenance

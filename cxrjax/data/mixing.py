@@ -415,6 +415,37 @@ def mix(
     return MixedSource(real_parts + chosen_parts)
 
 
+def oversample(
+    part: Part,
+    labels: np.ndarray,
+    class_name: str,
+    class_names: Sequence[str],
+    extra: int,
+    *,
+    seed: int,
+) -> Part:
+    """`extra` repeats of `part`'s records of `class_name`, as a Part of the same source.
+
+    The control for synthetic augmentation at the same class prior: the scarce class grows to
+    the synthetic arms' count with copies of its own real records instead of new images. Each
+    record repeats as evenly as possible (walks of fresh seeded permutations). `labels` are
+    aligned with `part.source`.
+    """
+    members = np.intersect1d(part.selected(), class_indices(labels, class_name, class_names))
+    if extra < 0:
+        raise ValueError(f"cannot oversample by {extra} records")
+    if extra and not len(members):
+        raise ValueError(f"no {class_name!r} records to oversample")
+    cycles = -(-extra // max(len(members), 1))
+    stream = np.concatenate(
+        [members[_rng(seed, 5, cycle).permutation(len(members))] for cycle in range(cycles)]
+        or [np.zeros(0, np.int64)]
+    )
+    factor = (len(members) + extra) / max(len(members), 1)
+    name = f"real {class_name} repeats (oversampled x{factor:.2f})"
+    return Part(part.source, name=name, indices=np.sort(stream[:extra]))
+
+
 def balanced_epoch(
     labels: np.ndarray, num_classes: int, per_class: int, *, seed: int, epoch: int
 ) -> np.ndarray:

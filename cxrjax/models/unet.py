@@ -237,6 +237,18 @@ unet_demo32 = functools.partial(
     dropout=0.1,
     num_groups=8,
 )
+# 28x28 (the PneumoniaMNIST native size: 28 -> 14 -> 7), 1.1 M params, attention at 7x7 only:
+# about twice as fast per step on a CPU as unet_demo32 and reaches class-faithful samples of the
+# scarce class in a few hundred steps with class-balanced batches (benchmarks/RESULTS.md).
+unet_demo28 = functools.partial(
+    UNet,
+    ch=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(7,),
+    dropout=0.0,
+    num_groups=8,
+)
 # For tests: 8x8 or 16x16 inputs, attention at 4x4, compiles in seconds on CPU.
 unet_tiny = functools.partial(
     UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_groups=4

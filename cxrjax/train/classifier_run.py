@@ -174,7 +174,7 @@ def load_splits(data) -> tuple[dict[str, Any], sources.DatasetSpec]:
 
 # Classifier data-config fields that enter the run signature's dataset string when active
 # rather than the config hash, so runs from before they existed still resume.
-SIGNATURE_DATA_FIELDS = (*mixing.SUBSET_FIELDS, "data.synthetic")
+SIGNATURE_DATA_FIELDS = (*mixing.SUBSET_FIELDS, "data.synthetic", "data.oversample")
 # Fields outside the config hash that checks a resumed run is the same run.
 HASH_IGNORE = (
     "train.log_every",
@@ -256,8 +256,27 @@ def training_source(config, splits, spec) -> tuple[Any, np.ndarray, dict[str, An
     real_part = real if isinstance(real, mixing.Part) else mixing.Part(real, name="real")
     suffix = mixing.subset_signature(data)
     description: dict[str, Any] = {"real_split": data.train_split, "synthetic": None}
+    real_parts = [real_part]
+    over = data.get("oversample")
+    if over is not None and (over.balance > 0 or over.count > 0):
+        name = data.keep_class
+        config_lib.check(bool(name), "data.oversample", "needs data.keep_class (what to repeat)")
+        kept = len(np.intersect1d(real_part.selected(), mixing.class_indices(
+            full_labels, name, spec.class_names)))  # fmt: skip
+        full = len(mixing.class_indices(full_labels, name, spec.class_names))
+        target = (
+            mixing.round_half_up(over.balance * full) if over.balance > 0 else kept + over.count
+        )
+        real_parts.append(
+            mixing.oversample(
+                real_part, full_labels, name, spec.class_names, target - kept, seed=config.seed
+            )
+        )
+        suffix += f"+oversample={name}:{target}"
+        description["oversampled"] = {"class": name, "kept": kept, "target": target}
     if not _synthetic_active(data):
-        source, labels = mixing.MixedSource([real_part]), full_labels[real_part.selected()]
+        source = mixing.MixedSource(real_parts)
+        labels = source.select_labels([full_labels] * len(real_parts))
     else:
         synth = data.synthetic
         parts, synth_labels, description["synthetic"] = load_synthetic(data, spec)
@@ -266,14 +285,16 @@ def training_source(config, splits, spec) -> tuple[Any, np.ndarray, dict[str, An
             available = sum(len(p) for p in parts)
             amount = {"count": int(synth.count) if synth.count else available}
         try:
-            source = mixing.mix(real_part, parts, seed=int(config.seed), **amount)
+            real_in = [] if synth.get("only", False) else real_parts
+            source = mixing.mix(real_in, parts, seed=int(config.seed), **amount)
         except ValueError as error:
             raise config_lib.ConfigError(f"config.data.synthetic: {error}") from None
-        labels = source.select_labels([full_labels, *synth_labels])
+        labels = source.select_labels([full_labels] * len(real_in) + list(synth_labels))
         description["synthetic"]["amount"] = amount
         suffix += (
             f"+synthetic={description['synthetic']['dataset']}"
             f":{','.join(f'{k}={v}' for k, v in amount.items())}:label={synth.label}"
+            + (":only" if synth.get("only", False) else "")
         )
     description["parts"] = mixing.part_composition(source, labels, spec.class_names)
     description["records"] = int(len(source))

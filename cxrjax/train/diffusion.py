@@ -29,6 +29,7 @@ from cxrjax.train import state as state_lib
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODELS = {
     "unet_tiny": unet.unet_tiny,
+    "unet_demo28": unet.unet_demo28,
     "unet_demo32": unet.unet_demo32,
     "unet_cifar32": unet.unet_cifar32,
     "unet_128": unet.unet_128,

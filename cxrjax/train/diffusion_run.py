@@ -208,6 +208,7 @@ def train_and_evaluate(
         augment=config.data.augment,
         normalization="generator",
         num_workers=config.data.num_workers,
+        balanced=bool(config.data.get("balanced", False)),
         **pipeline.bad_record_options(config.data),
     )
 

@@ -291,8 +291,11 @@ def make_train_step(
         (g_loss, g_metrics), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
         g_updates, g_opt_state = g_tx.update(g_grads, g_opt_state, state.g_params)
         g_params = optax.apply_updates(state.g_params, g_updates)
+        # EMA with warm-up (as the DDPM's): min(decay, (1 + step) / (10 + step)), so a short run's
+        # average follows the trained weights instead of keeping most of the initial ones.
+        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
         g_ema = jax.tree.map(
-            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.g_ema_params, g_params
+            lambda e, p: decay * e + (1.0 - decay) * p, state.g_ema_params, g_params
         )
 
         d_grad_norm, g_grad_norm = optax.tree.norm(d_grads), optax.tree.norm(g_grads)

@@ -233,6 +233,7 @@ def train_and_evaluate(
         augment=data.augment,
         normalization="generator",
         num_workers=data.num_workers,
+        balanced=bool(data.get("balanced", False)),
         **pipeline.bad_record_options(config.data),
     )
     train_iter = GroupedBatches(base_iter)
