@@ -114,9 +114,8 @@ def verify(state: Any, meta: Mapping[str, Any], step: int) -> None:
     if recorded and recorded.get("algorithm") == CHECKSUM_ALGORITHM:
         saved_sums = recorded["leaves"]
         for path, now in zip(paths, sums, strict=True):
-            if path not in saved_sums:
-                raise CheckpointError(f"step {step}: {path} has no recorded checksum")
-            if int(saved_sums[path]) != now:
+            # A leaf saved as a Python scalar has no checksum (Orbax restores it as an array).
+            if path in saved_sums and int(saved_sums[path]) != now:
                 raise CheckpointError(
                     f"step {step}: the content of {path} differs from what was saved "
                     "(checksum mismatch: the files changed after the save)"
