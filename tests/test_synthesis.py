@@ -10,6 +10,7 @@ import pytest
 from configs import ddpm as ddpm_configs
 from configs import pggan as pggan_configs
 from cxrjax import synthesis
+from cxrjax.config import ConfigError
 from cxrjax.data import builders, imageio
 from cxrjax.train import diffusion_run, gan_run
 
@@ -80,6 +81,21 @@ def test_synthesize_writes_labeled_dataset(shipped_data_dir, tmp_path, kind, mak
     labels, spec = _read_split_labels(data_dir, f"synth_{kind}", str(out), resolution)
     assert sorted(labels) == [index] * 6
     assert list(spec.class_names) == names and spec.resolution == resolution
+
+    # A folder that holds images: refused, added to (provenance describes every file), or
+    # replaced (#19).
+    with pytest.raises(ConfigError, match="already holds 7 files"):
+        synthesis.synthesize(kind, workdir, output=str(out), **options)
+    more = synthesis.synthesize(kind, workdir, output=str(out), **{**options, "seed": 4},
+                                mode="append")  # fmt: skip
+    saved = json.loads((out / "provenance.json").read_text())
+    assert saved == more and saved["num_images"] == 12 and len(saved["sets"]) == 2
+    assert saved["counts"][names[index]] == 12 == len(os.listdir(out / names[index]))
+    with pytest.raises(ConfigError, match="use another --seed"):
+        synthesis.synthesize(kind, workdir, output=str(out), **options, mode="append")
+    synthesis.synthesize(kind, workdir, output=str(out), **options, mode="overwrite")
+    assert sorted(os.listdir(out / names[index])) == files
+    assert json.loads((out / "provenance.json").read_text())["num_images"] == 6
 
     # A run config without checkpoints: a clear error naming the workdir.
     empty = tmp_path / "empty"
