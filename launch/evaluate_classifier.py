@@ -32,6 +32,8 @@ def main(argv):
             "split": SPLIT.value,
             **{k: results[SPLIT.value].get(k) for k in ("auc", "accuracy", "f1")},
         },
+        # The run's recorded config must exist and be valid before --output is created.
+        validate=lambda: classifier_run.validate(classifier_run.load_run_config(WORKDIR.value)),
     )
 
 

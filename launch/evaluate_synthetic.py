@@ -133,6 +133,7 @@ def main(argv):
     common.run_job(
         job,
         summarize,
+        validate=check_arguments,
     )
 
 

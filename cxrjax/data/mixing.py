@@ -54,9 +54,10 @@ def read_labels(source: Any, cache_path: str | os.PathLike | None = None, chunk_
     labels = np.concatenate(chunks)
     labels = labels.astype(np.int64) if labels.ndim == 1 else labels.astype(np.float32)
     if cache_path is not None:
-        tmp_path = f"{os.fspath(cache_path)}.{os.getpid()}.tmp.npy"
-        np.save(tmp_path, labels)
-        os.replace(tmp_path, cache_path)
+        from cxrjax import fileio
+
+        with fileio.atomic_write(cache_path, "wb") as f:  # temp name unique per process/call
+            np.save(f, labels)
     return labels
 
 

@@ -243,9 +243,9 @@ def check(
         if not finished:
             ways += ", or --force_resume to continue its checkpoint with the new values"
         what = "finished run" if finished else "run"
+        count = f"{len(harmful)} field{'s differ' if len(harmful) > 1 else ' differs'}"
         raise WorkdirConfigError(
-            f"--workdir={workdir} holds a {what} of another config ({len(harmful)} field"
-            f"{'s' if len(harmful) > 1 else ''} differ: {listed}); {ways}"
+            f"--workdir={workdir} holds a {what} of another config ({count}: {listed}); {ways}"
         )
     if finished:
         try:
