@@ -10,6 +10,14 @@ of the PGGAN run in `generator_workdir`, then scores validation and test; the DD
 nothing to train and only scores (partial diffusion to `ddpm.t_star`, DDIM back). The
 decision threshold is chosen on validation and applied once to test.
 
+Every score is oriented in advance, higher = more anomalous, and is never flipped: a score
+whose validation ROC-AUC is below 0.5 gets a plain warning in results.json ("warnings") and
+results.md. With `eval.features` set (e.g. cxr:<classifier workdir>), both methods also score
+||phi(x) - phi(x_hat)||^2 / D in the classifier's pooled feature space (D features), and
+results.json reports both spaces (results["scores"]["pixels" | "features"]), the top-level
+val/test being the `eval.primary` one (results["primary_score"]). `ddpm.t_star_grid` picks
+the DDPM's t* on validation (results["t_star_selection"]).
+
 Presets:
   tiny                  seconds; a ~2k-parameter encoder, 6 steps of batch 8; for tests. Needs
                         --config.generator_workdir (a tiny PGGAN run, e.g. configs/pggan.py:tiny).
@@ -23,15 +31,17 @@ Presets:
                         The test AUC depends on how good the PGGAN is; a ~15 min CPU PGGAN is
                         a weak generator, so expect a modest AUC, not the classifier's 0.99.
   pneumonia_mnist_ddpm  the DDPM method on the `configs/ddpm.py:pneumonia_mnist` run (default
-                        workdirs/ddpm_pneumonia_mnist): noise to t* = 200 of 1000, 10 DDIM
-                        steps back, conditioned on "normal"; scores val + test only.
-                        Measured 2026-11-26 on the 300-step DDPM demo run (trained on both
-                        classes), shared 2-core CPU: whole command 3 min 50 s; test ROC-AUC
-                        0.23 [0.19, 0.27], i.e. worse than chance: that DDPM reconstructs the
-                        hazier pneumonia images with *lower* error than normals. Train the
-                        DDPM on normals only (--config.data.only_class=normal in
-                        configs/ddpm.py) and try a larger ddpm.t_star before reading much
-                        into this method here.
+                        workdirs/ddpm_pneumonia_mnist): noise to t*, 10 DDIM steps back,
+                        conditioned on "normal"; t* chosen on validation from
+                        ddpm.t_star_grid = (100, 200, 300, 500), then test scored once.
+                        Measured 2026-11-26 at a fixed t* = 200 (no grid) on the 300-step
+                        DDPM demo run, shared 2-core CPU: whole command 3 min 50 s; test
+                        ROC-AUC 0.23 [0.19, 0.27], i.e. below chance: that DDPM reconstructs
+                        the hazier pneumonia images with *lower* pixel error than normals.
+                        The grid adds 3 validation passes (4 instead of 1; not yet timed);
+                        results.json now warns when a score is below chance on validation.
+                        Add --config.eval.features=cxr:<classifier workdir> to score in the
+                        classifier's feature space as well.
 
 Writes to the workdir: config.json, and for f-AnoGAN metrics.jsonl, tensorboard/ and
 checkpoints/ (the encoder, with the data iterator; re-running resumes exactly); then
@@ -100,8 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     # DDPM partial diffusion: noise to index t_star (of the run's T), `steps` DDIM steps back.
+    # t_star_grid: () = use t_star; else score validation at every t* of the grid, keep the best
+    # validation ROC-AUC (primary space; first on ties) and score test once, at that t*.
     config.ddpm = ml_collections.ConfigDict(
-        dict(t_star=200, steps=10, metric="mse", eta=0.0, guidance=0.0)
+        dict(t_star=200, t_star_grid=(), steps=10, metric="mse", eta=0.0, guidance=0.0)
     )
     config.eval = ml_collections.ConfigDict(
         dict(
@@ -110,6 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
             bootstrap=1000,
             confidence=0.95,
             num_examples=4,  # normal and abnormal test images each in residuals.png
+            # Reconstruction error in a feature space as well as in pixels: "" = pixels only;
+            # "cxr:<classifier workdir>" (launch.train_classifier) or any cxrjax.features spec.
+            # Feature score = ||phi(x) - phi(x_hat)||^2 / D (mean over the D features).
+            features="",
+            # The score the top-level val/test/threshold report: "" = "features" when
+            # `features` is set, else "pixels". Both spaces are always in results["scores"].
+            primary="",
         )
     )
     return config
@@ -136,6 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "pneumonia_mnist_ddpm":
         config.method = "ddpm"
         config.generator_workdir = "workdirs/ddpm_pneumonia_mnist"
+        # t* chosen on validation (4 val passes + 1 test pass instead of 1 + 1).
+        config.ddpm.t_star_grid = (100, 200, 300, 500)
     else:
         raise ValueError(
             f"unknown anomaly preset {preset!r}; choose tiny, pneumonia_mnist or "

@@ -5,22 +5,27 @@
   scores, maps = scorer(images)          # images [B, R, R, 1] in [-1, 1] -> [B], [B, R, R]
   results = evaluate(scorer, {"val": val_source, "test": test_source}, spec, "normal", out_dir)
 
-Scores grow with abnormality; maps are the per-pixel residual |x - reconstruction| (mean over
-channels). A scorer reconstructs every image towards the normal class: a conditional generator
-gets the normal label (never the image's true label, which is what is being predicted).
+Direction, fixed in advance for every score: higher = more anomalous; a score is never flipped
+after looking at data (below chance on validation -> a warning in results, nothing else). Maps
+are the per-pixel residual |x - reconstruction| (mean over channels). A scorer reconstructs
+towards the normal class: a conditional generator gets the normal label (never the true one).
 
 * f-AnoGAN (Schlegl et al. 2019, izi_f): score = mean (x - G(E(x)))^2 + kappa * mean
   (f_D(x) - f_D(G(E(x))))^2, the encoder's training loss per image (`cxrjax.train.anomaly`).
 * DDPM (e.g. Wolleb et al. 2022 / Graham et al. 2023-style partial diffusion): noise x to index
   t_star, denoise back with deterministic DDIM, score = mean squared (or absolute) error. The
   forward noise of record i is drawn from fold_in(key(seed), i), so a record's score does not
-  depend on its batch.
+  depend on its batch. `select_on_validation` picks t* from a grid by validation ROC-AUC.
+* Feature space (`with_features(scorer, "cxr:<classifier workdir>")`, either method): score =
+  ||phi(x) - phi(x_hat)||^2 / D, phi = pooled penultimate classifier features (D-dim), x_hat
+  the method's reconstruction; the pixel-space score is kept beside it ("score/pixels").
 
 `evaluate` scores validation and test (normal = `normal_class`, abnormal = every other class),
-reports ROC-AUC and PR-AUC (average precision) per split, chooses the decision threshold on
-validation only and applies it to test (accuracy, precision, recall, specificity, F1), adds
-bootstrap CIs over test images, and writes results.json, results.md, roc.png, residuals.png and
-{val,test}_scores.npz. Metrics come from `cxrjax.metrics.classification` (no ROC code here).
+reports ROC-AUC and PR-AUC (average precision) per split and score space, chooses the decision
+threshold on validation only and applies it to test (accuracy, precision, recall, specificity,
+F1), adds bootstrap CIs over test images, and writes results.json, results.md, roc.png,
+residuals.png and {val,test}_scores.npz (`cxrjax.anomaly_report`). Metrics come from
+`cxrjax.metrics.classification` (no ROC code here).
 """
 
 from __future__ import annotations
@@ -37,98 +42,34 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
+from cxrjax import anomaly_generators, anomaly_report, diffusion, fileio, parallel, synthesis
 from cxrjax import config as config_lib
-from cxrjax import diffusion, fileio, parallel, report, synthesis
 from cxrjax.data import mixing, pipeline, sources
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.models import unet
 from cxrjax.train import anomaly as anomaly_train
 from cxrjax.train import diffusion as diffusion_train
-from cxrjax.train import gan, gan_run, loop, optim
+from cxrjax.train import loop, optim
 from cxrjax.train import results as results_lib
 
 METHODS = ("fanogan", "ddpm")
 METRICS = ("mse", "l1")
+SPACES = ("pixels", "features")  # where reconstruction error is measured
 NORMAL, ABNORMAL = "normal", "abnormal"
 # The binary task's class names: the positive class (label 1, high score) is "abnormal".
 TASK_CLASSES = (NORMAL, ABNORMAL)
 NO_FINDING = "No Finding"  # builders.common.NO_FINDING: a multi-label record with no finding
 
 
-# ----------------------------------------------------------------------------- generator runs
-@dataclasses.dataclass(frozen=True)
-class GeneratorRun:
-    """A trained generator restored from its workdir (latest checkpoint, EMA parameters)."""
-
-    kind: str  # "pggan" or "ddpm"
-    workdir: str
-    config: ml_collections.ConfigDict
-    spec: sources.DatasetSpec
-    step: int
-    resolution: int
-    modules: dict[str, Any]  # pggan: generator, discriminator; ddpm: model
-    params: dict[str, Any]  # pggan: generator (EMA), discriminator; ddpm: model (EMA)
-
-
-def run_kind(run_config) -> str:
-    """ "pggan" or "ddpm" from a generator run's config.json (its sections tell them apart)."""
-    if "schedule" in run_config and run_config.model.name in gan.MODELS:
-        return "pggan"
-    if "diffusion" in run_config and run_config.model.name in diffusion_train.MODELS:
-        return "ddpm"
-    return "unknown"
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """A run's resolved config.json (FileNotFoundError, naming the path, when absent)."""
-    return synthesis._run_config(os.path.abspath(os.path.expanduser(workdir)))
-
-
-def load_generator_run(workdir: str, kind: str, mesh=None) -> GeneratorRun:
-    """Restores a PGGAN (G EMA + D) or DDPM (EMA) run from its latest checkpoint."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = read_run_config(workdir)
-    found = run_kind(config)
-    if found != kind:
-        raise config_lib.ConfigError(
-            f"{workdir} holds a {found} run (config.json), not a {kind} run"
-        )
-    mesh = mesh or parallel.make_mesh()
-    resolution = int(config.data.resolution)
-    rng = jax.random.PRNGKey(int(config.seed))
-    if kind == "pggan":
-        spec = synthesis._dataset_spec(config.data, config.data.source_resolution)
-        generator, discriminator = gan.make_models(config.model, spec.num_classes, resolution)
-        tx = gan.make_optimizer(config.optim)
-        init_fn = functools.partial(gan_run.init_state_fn, generator, discriminator, tx, tx)
-        state, step = synthesis._restore_latest(workdir, jax.eval_shape(init_fn, rng))
-        modules = {"generator": generator, "discriminator": discriminator}
-        params = {"generator": state.g_ema_params, "discriminator": state.d_params}
-    else:
-        spec = synthesis._dataset_spec(config.data, config.data.resolution)
-        model = diffusion_train.make_model(config.model, spec.num_classes)
-        tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-        shape = (resolution, resolution, 1)
-        init_fn = functools.partial(diffusion_train.init_state, model, tx, image_shape=shape)
-        state, step = synthesis._restore_latest(workdir, jax.eval_shape(init_fn, rng))
-        modules, params = {"model": model}, {"model": state.ema_params}
-    return GeneratorRun(kind, workdir, config, spec, step, resolution, modules, params)
-
-
-def class_label(class_name: str, class_names: Sequence[str], conditional: bool) -> int:
-    """The conditioning label of the normal class (0 for an unconditional generator)."""
-    if not conditional:
-        return 0
-    if class_name not in class_names:
-        raise config_lib.ConfigError(
-            f"normal class {class_name!r} is not a class of the conditional generator "
-            f"{list(class_names)}"
-        )
-    return list(class_names).index(class_name)
+# Generator runs live in cxrjax.anomaly_generators; these names stay importable from here.
+GeneratorRun = anomaly_generators.GeneratorRun
+run_kind = anomaly_generators.run_kind
+read_run_config = anomaly_generators.read_run_config
+load_generator_run = anomaly_generators.load_generator_run
+class_label = anomaly_generators.class_label
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -145,6 +86,8 @@ class Scorer(abc.ABC):
     method: str = ""
     resolution: int = 0
     info: dict[str, Any] = {}
+    spaces: tuple[str, ...] = ("pixels",)  # the score spaces `outputs` gives ("score/<space>")
+    primary: str = "pixels"  # the space whose score is "score"
 
     @abc.abstractmethod
     def outputs(self, images, labels=None, indices=None) -> dict[str, Any]:
@@ -333,6 +276,77 @@ class DDPMScorer(Scorer):
         return self._outputs(self._params, self._key, images, labels, indices)
 
 
+FEATURE_SCORE = "||phi(x) - phi(x_hat)||^2 / D, phi = the extractor's features, D their dimension"
+
+
+def feature_distance_fn(apply_fn, input_size: int | None):
+    """(params, images, reconstructions) -> ||phi(x) - phi(x_hat)||^2 / D per image, float32 [B].
+
+    images and reconstructions: [B, H, W, 1] in [-1, 1]; both map to [0, 1] (clipped), are
+    resized in-graph to `input_size` (antialiased cubic, when it differs) and go through
+    `apply_fn` in one batch, so x and x_hat see exactly the same preprocessing.
+    """
+
+    def distance(params, images, recon):
+        both = jnp.concatenate([images, recon]).astype(jnp.float32)  # [2B, H, W, 1]
+        both = jnp.clip((both + 1.0) * 0.5, 0.0, 1.0)
+        b, h, w, c = both.shape
+        if input_size and (h, w) != (input_size, input_size):
+            size = (b, int(input_size), int(input_size), c)
+            both = jnp.clip(jax.image.resize(both, size, "cubic", antialias=True), 0.0, 1.0)
+        phi_x, phi_recon = jnp.split(apply_fn(params, both).astype(jnp.float32), 2)
+        return jnp.mean(jnp.square(phi_x - phi_recon), axis=-1)  # mean over D: / D
+
+    return distance
+
+
+class FeatureSpaceScorer(Scorer):
+    """A scorer plus the reconstruction error in a feature extractor's space (`features.py`).
+
+    Outputs the base scorer's outputs, "score/pixels" (the base's own score), "score/features"
+    (FEATURE_SCORE, from `feature_distance_fn` on the base's reconstruction) and "score" = the
+    `primary` one. Both spaces grow with abnormality by construction.
+    """
+
+    def __init__(self, base: Scorer, extractor, *, primary: str = "features", mesh=None):
+        if primary not in SPACES:
+            raise config_lib.ConfigError(f"primary score must be one of {SPACES}, got {primary!r}")
+        mesh = mesh or parallel.make_mesh()
+        self.base, self.extractor = base, extractor
+        self.method, self.resolution = base.method, base.resolution
+        self.spaces, self.primary = SPACES, primary
+        self._params = parallel.replicate(extractor.params, mesh)
+        self._distance = jax.jit(feature_distance_fn(extractor.apply_fn, extractor.input_size))
+        self.info = {
+            **base.info,
+            "features": extractor.describe(),
+            "feature_score": FEATURE_SCORE,
+            "primary_score": primary,
+        }
+
+    def outputs(self, images, labels=None, indices=None) -> dict[str, Any]:
+        out = dict(self.base.outputs(images, labels, indices))
+        if "reconstruction" not in out:
+            raise ValueError(f"{self.method} scorer gives no reconstruction to compare features")
+        out["score/pixels"] = out["score"]
+        out["score/features"] = self._distance(self._params, images, out["reconstruction"])
+        out["score"] = out[f"score/{self.primary}"]
+        return out
+
+
+def with_features(scorer: Scorer, spec: str, *, primary: str = "", mesh=None) -> Scorer:
+    """`scorer` itself when `spec` is "", else a FeatureSpaceScorer with the extractor named
+    by `spec` (`features.make_extractor`). primary "" = "features" when spec is set."""
+    if not spec:
+        if primary == "features":
+            raise config_lib.ConfigError("primary score 'features' needs a feature extractor")
+        return scorer
+    from cxrjax import features  # loads classifier code only when asked for
+
+    extractor = features.make_extractor(spec)
+    return FeatureSpaceScorer(scorer, extractor, primary=primary or "features", mesh=mesh)
+
+
 def load_scorer(method: str, workdir: str, *, mesh=None, **options) -> Scorer:
     """The scorer of `method` from a workdir.
 
@@ -340,15 +354,19 @@ def load_scorer(method: str, workdir: str, *, mesh=None, **options) -> Scorer:
     its config names the PGGAN run. Options: normal_class, kappa (default: the run's).
     "ddpm": `workdir` is a DDPM run (launch.train_ddpm). Options: normal_class ("normal"),
     t_star (200), steps (10), metric ("mse" | "l1"), eta (0), guidance (0), seed (0).
+    Both: features (a `cxrjax.features` spec, "" = pixel space only) and primary ("" |
+    "pixels" | "features"), see `with_features`.
     """
     if method not in METHODS:
         raise config_lib.ConfigError(f"method must be one of {METHODS}, got {method!r}")
     mesh = mesh or parallel.make_mesh()
+    space = {"spec": options.pop("features", ""), "primary": options.pop("primary", "")}
     if method == "ddpm":
         known = {"normal_class", "t_star", "steps", "metric", "eta", "guidance", "seed"}
         _check_options(options, known)
         options.setdefault("normal_class", NORMAL)
-        return DDPMScorer(load_generator_run(workdir, "ddpm", mesh), mesh=mesh, **options)
+        scorer = DDPMScorer(load_generator_run(workdir, "ddpm", mesh), mesh=mesh, **options)
+        return with_features(scorer, mesh=mesh, **space)
     _check_options(options, {"normal_class", "kappa"})
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = read_run_config(workdir)
@@ -365,7 +383,7 @@ def load_scorer(method: str, workdir: str, *, mesh=None, **options) -> Scorer:
     state, step = synthesis._restore_latest(
         workdir, jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
     )
-    return FAnoGANScorer(
+    scorer = FAnoGANScorer(
         run,
         encoder,
         state.params,
@@ -374,6 +392,7 @@ def load_scorer(method: str, workdir: str, *, mesh=None, **options) -> Scorer:
         mesh=mesh,
         extra_info={"encoder_workdir": workdir, "encoder_step": step},
     )
+    return with_features(scorer, mesh=mesh, **space)
 
 
 def _check_options(options: Mapping[str, Any], known: set[str]) -> None:
@@ -431,7 +450,7 @@ def score_split(
     for batch in batches:
         arrays = loop.device_batch(batch, mesh)
         out = scorer.outputs(arrays["image"], indices=arrays["index"])
-        wanted = {k: v for k, v in out.items() if k == "score" or k.startswith("terms/")}
+        wanted = {k: v for k, v in out.items() if k.startswith(("score", "terms/"))}
         host = parallel.to_host(
             {**wanted, "label": arrays["label"], "mask": arrays["mask"], "index": arrays["index"]}
         )
@@ -452,63 +471,74 @@ def score_split(
                 (total - seen) / max(rate, 1e-9),
             )
     out = {key: np.concatenate(values) for key, values in chunks.items()}
+    out.setdefault("score/pixels", out["score"])  # a pixel-space-only scorer
     order = np.argsort(out["index"], kind="stable")
     return {key: value[order] for key, value in out.items()}
 
 
-def _example_indices(y: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:
-    """The first k normal and first k abnormal records (in record order)."""
-    normal, abnormal = index[y == 0][:k], index[y == 1][:k]
-    return np.concatenate([normal, abnormal]).astype(np.int64)
-
-
-def save_residual_figure(
-    scorer: Scorer, source, spec, record_indices, captions, path: str, *, batch_size, mesh=None
-) -> str | None:
-    """PNG: columns = the given records; rows = input / reconstruction / |residual|.
-
-    Residuals share one grey scale (0 .. the largest shown value), so columns compare.
-    Returns the path, or None when there is nothing to show.
-    """
-    if len(record_indices) == 0:
-        return None
-    mesh = mesh or parallel.make_mesh()
-    part = mixing.Part(source, name="examples", indices=np.sort(np.asarray(record_indices)))
-    batches = pipeline.make_eval_dataset(
-        part, spec, global_batch_size=batch_size, resolution=scorer.resolution
-    )
-    rows: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    for batch in batches:
-        arrays = loop.device_batch(batch, mesh)
-        out = scorer.outputs(arrays["image"], indices=arrays["index"])
-        wanted = {k: out[k] for k in ("map", "reconstruction") if k in out}
-        host = parallel.to_host(
-            {**wanted, "image": arrays["image"], "mask": arrays["mask"], "index": arrays["index"]}
+def score_labelled(scorer: Scorer, source, spec, normal_class: str, split: str, **options):
+    """`score_split` plus "y" (1 = abnormal); ConfigError unless both classes are present."""
+    out = score_split(scorer, source, spec, name=split, **options)
+    out["y"] = anomaly_labels(out["label"], spec.class_names, normal_class)
+    if out["y"].min() == out["y"].max():
+        raise config_lib.ConfigError(
+            f"the {split} split holds only {'abnormal' if out['y'][0] else 'normal'} "
+            "images: ROC-AUC and the threshold need both"
         )
-        keep = np.asarray(host.pop("mask"), bool)
-        for key, value in host.items():
-            rows[key].append(np.asarray(value)[keep])
-    got = {key: np.concatenate(values) for key, values in rows.items()}
-    # Back to the caller's column order.
-    position = {int(i): k for k, i in enumerate(got["index"])}
-    order = np.asarray([position[int(i)] for i in record_indices])
-    to_uint8 = lambda x: np.clip(np.round((x[..., 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    tiles, labels = [to_uint8(got["image"][order])], list(captions)
-    if "reconstruction" in got:
-        tiles.append(to_uint8(got["reconstruction"][order]))
-        labels += ["reconstruction"] * len(order)
-    maps = got["map"][order]
-    vmax = max(float(maps.max()), 1e-6)
-    tiles.append(np.round(np.clip(maps / vmax, 0, 1) * 255).astype(np.uint8))
-    labels += [f"|residual| (max {vmax:.2f})"] * len(order)
-    if not parallel.is_main_process():
-        return None
-    report.save_image_grid(np.concatenate(tiles), path, nrow=len(order), labels=labels)
-    return path
+    return out
+
+
+def _auc(y, scores) -> float:
+    return _metrics(y, scores)["auc"]
+
+
+@dataclasses.dataclass
+class Selection:
+    """A scorer setting chosen on validation (`select_on_validation`)."""
+
+    name: str  # the setting, e.g. "t_star"
+    chosen: Any
+    scorer: Scorer
+    val: dict[str, np.ndarray]  # the chosen scorer's `score_labelled` validation output
+    record: dict[str, Any]  # JSON: grid, validation AUCs per value and space, choice
+    grid_scores: dict[str, np.ndarray]  # space -> [G, N] validation scores of every value
+
+
+def select_on_validation(
+    candidates: Mapping[Any, Any], source, spec, normal_class: str, *, name: str, **options
+) -> Selection:
+    """Scores validation with every candidate {value: () -> Scorer} (built one at a time),
+    keeps the value with the highest validation ROC-AUC in the scorers' primary space (the
+    first in grid order on a tie). Only validation is read; `options` go to `score_split`.
+    """
+    if not candidates:
+        raise config_lib.ConfigError(f"no {name} values to choose from")
+    best, aucs, grid = None, {}, collections.defaultdict(list)
+    for value, make in candidates.items():
+        scorer = make()
+        out = score_labelled(scorer, source, spec, normal_class, f"val ({name}={value})", **options)
+        aucs[str(value)] = {space: _auc(out["y"], out[f"score/{space}"]) for space in scorer.spaces}
+        for space in scorer.spaces:
+            grid[space].append(out[f"score/{space}"])
+        logging.info("[select] %s %s=%s: validation ROC-AUC %s", scorer.method, name, value,
+                     aucs[str(value)])  # fmt: skip
+        if best is None or aucs[str(value)][scorer.primary] > best[0]:
+            best = (aucs[str(value)][scorer.primary], value, scorer, out)
+    _, chosen, scorer, val = best
+    record = {
+        "grid": [v for v in candidates],
+        "space": scorer.primary,
+        "split": "val",
+        "rule": "highest validation ROC-AUC in the primary space; ties: first in grid order",
+        "val_auc": aucs,
+        "chosen": chosen,
+    }
+    scores = {space: np.stack(values) for space, values in grid.items()}
+    return Selection(name, chosen, scorer, val, record, scores)
 
 
 def evaluate(
-    scorer: Scorer,
+    scorer: Scorer | None,
     splits: Mapping[str, Any],
     spec: sources.DatasetSpec,
     normal_class: str,
@@ -523,51 +553,59 @@ def evaluate(
     num_workers: int = 0,
     mesh=None,
     extra: Mapping[str, Any] | None = None,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Normal-vs-abnormal evaluation on splits["val"] and splits["test"]; writes output_dir/.
 
-    The threshold is `select_threshold(val labels, val scores, threshold)`: test scores never
+    Per score space of the scorer (pixels; features too for a FeatureSpaceScorer) the
+    threshold is `select_threshold(val labels, val scores, threshold)`: test scores never
     reach it. Test metrics come with `level` bootstrap CIs over test images (`n_bootstrap`
-    resamples, stratified); validation metrics are point values. Files (process 0):
-    results.json, results.md, roc.png, residuals.png, {val,test}_scores.npz (score, terms,
-    dataset label, y = 1 for abnormal, record index).
+    resamples, stratified); validation metrics are point values. results["scores"][space]
+    holds each space; the top-level "val", "test" and "threshold" are the primary space's
+    (results["primary_score"]). A space whose validation ROC-AUC is below 0.5 adds a plain
+    sentence to results["warnings"]; no score is ever flipped. `selection` (from
+    `select_on_validation`): its scorer and validation scores are used (`scorer` may be None),
+    test is scored once, and results["<name>_selection"] records the choice. Files (process
+    0): results.json, results.md, roc.png, residuals.png, {val,test}_scores.npz ("score" =
+    primary, "score_<space>", terms, dataset label, y = 1 for abnormal, record index; val
+    also "grid_<name>" and "grid_score_<space>" [G, N] under a selection).
     """
     if threshold not in ("youden", "f1"):
         raise config_lib.ConfigError(f"threshold must be 'youden' or 'f1', got {threshold!r}")
     check_normal_class(spec, normal_class)
     mesh = mesh or parallel.make_mesh()
     parallel.check_global_batch(batch_size, mesh, "eval batch")
+    options = dict(batch_size=batch_size, mesh=mesh, num_workers=num_workers)
     scored = {}
+    if selection is not None:
+        scorer, scored["val"] = selection.scorer, selection.val
     for split in ("val", "test"):
-        out = score_split(
-            scorer,
-            splits[split],
-            spec,
-            batch_size=batch_size,
-            mesh=mesh,
-            num_workers=num_workers,
-            name=split,
-        )
-        out["y"] = anomaly_labels(out["label"], spec.class_names, normal_class)
-        if out["y"].min() == out["y"].max():
-            raise config_lib.ConfigError(
-                f"the {split} split holds only {'abnormal' if out['y'][0] else 'normal'} "
-                "images: ROC-AUC and the threshold need both"
+        if split not in scored:
+            scored[split] = score_labelled(
+                scorer, splits[split], spec, normal_class, split, **options
             )
-        scored[split] = out
     val, test = scored["val"], scored["test"]
-    chosen = cls_metrics.select_threshold(val["y"], val["score"], threshold)  # validation only
-    common = dict(threshold=chosen, class_names=TASK_CLASSES, seed=seed, level=level)
-    val_result = cls_metrics.evaluate(val["y"], val["score"], n_bootstrap=0, **common)
-    test_result = cls_metrics.evaluate(test["y"], test["score"], n_bootstrap=n_bootstrap, **common)
+    spaces = {}
+    for space in scorer.spaces:
+        key = f"score/{space}"
+        chosen = cls_metrics.select_threshold(val["y"], val[key], threshold)  # validation only
+        common = dict(threshold=chosen, class_names=TASK_CLASSES, seed=seed, level=level)
+        description = scorer.info.get("score" if space == "pixels" else "feature_score")
+        spaces[space] = {
+            "description": description,
+            "threshold": chosen,
+            "val": cls_metrics.evaluate(val["y"], val[key], n_bootstrap=0, **common),
+            "test": cls_metrics.evaluate(test["y"], test[key], n_bootstrap=n_bootstrap, **common),
+        }
+    primary = spaces[scorer.primary]
+    warnings = anomaly_report.below_chance_warnings(scorer.method, spaces)
+    for warning in warnings:
+        logging.warning("%s", warning)
     terms = {}
     for key in sorted(k for k in test if k.startswith("terms/")):
         terms[key.removeprefix("terms/")] = {
             split: {
-                m: cls_metrics.evaluate(
-                    scored[split]["y"], scored[split][key], n_bootstrap=0, class_names=TASK_CLASSES
-                )[m]
-                for m in ("auc", "pr_auc")
+                m: _metrics(scored[split]["y"], scored[split][key])[m] for m in ("auc", "pr_auc")
             }
             for split in ("val", "test")
         }
@@ -589,19 +627,29 @@ def evaluate(
                 for split, s in scored.items()
             },
         },
-        "threshold": chosen,
+        "direction": "higher score = more anomalous (fixed in advance, never flipped)",
+        "primary_score": scorer.primary,
+        "threshold": primary["threshold"],
         "threshold_method": threshold,
         "threshold_split": "val",
-        "val": val_result,
-        "test": test_result,
+        "val": primary["val"],
+        "test": primary["test"],
+        "scores": spaces,
+        "warnings": warnings,
         "terms": terms,
         "seed": int(seed),
         "software": results_lib.software_versions(),
         "device": results_lib.device_description(),
         **dict(extra or {}),
     }
+    if selection is not None:
+        results[f"{selection.name}_selection"] = selection.record
     k = int(num_examples)
-    examples = _example_indices(test["y"], test["index"], k) if k else np.zeros((0,), np.int64)
+    examples = (
+        anomaly_report.example_indices(test["y"], test["index"], k)
+        if k
+        else np.zeros((0,), np.int64)
+    )
     score_of = dict(zip(test["index"].tolist(), test["score"].tolist(), strict=True))
     name_of = {
         int(i): (spec.class_names[int(c)] if np.ndim(c) == 0 else (ABNORMAL if y else NORMAL))
@@ -622,75 +670,27 @@ def evaluate(
     results["examples"] = {"test_indices": examples.tolist(), "figure": residuals}
     if parallel.is_main_process():
         for split, out in scored.items():
-            fileio.save_npz(
-                os.path.join(output_dir, f"{split}_scores.npz"),
-                **{k.replace("/", "_"): v for k, v in out.items()},
-            )
-        curves = {"val": (val["y"], val["score"]), "test": (test["y"], test["score"])}
-        report.save_roc_curves(
-            curves, os.path.join(output_dir, "roc.png"), title=f"ROC ({scorer.method})"
+            arrays = {k.replace("/", "_"): v for k, v in out.items()}
+            if split == "val" and selection is not None:
+                arrays[f"grid_{selection.name}"] = np.asarray(selection.record["grid"])
+                for space, values in selection.grid_scores.items():
+                    arrays[f"grid_score_{space}"] = values
+            fileio.save_npz(os.path.join(output_dir, f"{split}_scores.npz"), **arrays)
+        anomaly_report.save_roc_figure(
+            scored, scorer.spaces, os.path.join(output_dir, "roc.png"), scorer.method
         )
         write_markdown(os.path.join(output_dir, "results.md"), results)
         results_lib.save_results(os.path.join(output_dir, "results.json"), results)
     return results
 
 
-def write_markdown(path: str, results: Mapping[str, Any]) -> None:
-    keys = ("auc", "pr_auc", "accuracy", "precision", "recall", "specificity", "f1")
-    rows = []
-    for split in ("val", "test"):
-        result = results[split]
-        row = {"split": f"{split} ({result['n']}, {result['n_positive']} abnormal)"}
-        for key in keys:
-            row[key] = report.format_value(result.get(key), ci=result.get(f"{key}_ci"))
-        rows.append(row)
-    data, scorer = results["dataset"], results["scorer"]
-    boot = results["test"].get("bootstrap", {})
-    lines = [
-        f"# Anomaly detection ({results['method']}): {data['name']}",
-        "",
-        f"Normal: `{data['normal_class']}`; abnormal: {', '.join(data['abnormal_classes'])}. "
-        f"Score: {scorer.get('score')}. Generator: {scorer.get('generator_workdir')} "
-        f"(step {scorer.get('generator_step')}).",
-        "",
-        f"Threshold ({results['threshold_method']}) chosen on validation = "
-        f"{results['threshold']:.6g}, applied unchanged to test. Test brackets: "
-        f"{boot.get('level', 0.95):.0%} bootstrap CIs ({boot.get('n_resamples', 0)} resamples "
-        "of test images).",
-        "",
-        report.markdown_table(
-            rows,
-            {
-                "split": "split",
-                "auc": "ROC-AUC",
-                "pr_auc": "PR-AUC",
-                "accuracy": "accuracy",
-                "precision": "precision",
-                "recall": "recall",
-                "specificity": "specificity",
-                "f1": "F1",
-            },
-        ),
-    ]
-    if results.get("terms"):
-        lines += ["Each score term alone (ROC-AUC val / test):", ""]
-        for name, value in results["terms"].items():
-            lines.append(
-                f"- {name}: {report.format_value(value['val']['auc'])} / "
-                f"{report.format_value(value['test']['auc'])}"
-            )
-        lines.append("")
-    directory = os.path.dirname(path)
-    for title, name in (("ROC", "roc.png"), ("Residuals", "residuals.png")):
-        if os.path.exists(os.path.join(directory, name)):
-            lines.append(f"![{title}]({name})")
-    if os.path.exists(os.path.join(directory, "residuals.png")):
-        lines += [
-            "",
-            "residuals.png: columns are the first normal then the first abnormal test images "
-            "(caption: class and score); rows are input, reconstruction and |residual|.",
-        ]
-    fileio.write_text(path, "\n".join(lines) + "\n")
+def _metrics(y, scores) -> dict[str, Any]:
+    return cls_metrics.evaluate(y, scores, n_bootstrap=0, class_names=TASK_CLASSES)
+
+
+# Reporting lives in cxrjax.anomaly_report; these names stay importable from here.
+save_residual_figure = anomaly_report.save_residual_figure
+write_markdown = anomaly_report.write_markdown
 
 
 def load_results(output_dir: str) -> dict[str, Any] | None:

@@ -58,7 +58,8 @@ NUMBER, INT, BOOL, TEXT, CHOICE, PATH, INTS = (
 class Rule:
     """What one field accepts. `kind`: number (int or float, always finite), int, bool, text,
     choice (one of `choices`), path (an existing `path_kind` "dir"/"file" when non-empty),
-    ints (a non-empty sequence of ints, each in range). Bounds: ge/gt/le/lt (None = open)."""
+    ints (a non-empty sequence of ints, each in range; `allow_empty` also takes ()). Bounds:
+    ge/gt/le/lt (None = open)."""
 
     kind: str
     ge: float | None = None
@@ -68,6 +69,7 @@ class Rule:
     choices: tuple[Any, ...] = ()
     nonempty: bool = False
     path_kind: str = "dir"
+    allow_empty: bool = False  # ints only
 
     def allowed(self) -> str:
         """What is allowed, in words (for messages and docs)."""
@@ -84,14 +86,15 @@ class Rule:
             for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
             if v is not None
         ]
-        noun = {NUMBER: "a finite number", INT: "an integer", INTS: "a non-empty list of integers"}
+        ints = "a list of integers" if self.allow_empty else "a non-empty list of integers"
+        noun = {NUMBER: "a finite number", INT: "an integer", INTS: ints}
         text = noun[self.kind]
         return f"{text} {' and '.join(bounds)}" if bounds else text
 
     def problem(self, value: Any) -> str | None:
         """None when `value` is allowed, else why not (without the field name)."""
         if self.kind == INTS:
-            ok = isinstance(value, list | tuple) and len(value) > 0
+            ok = isinstance(value, list | tuple) and (len(value) > 0 or self.allow_empty)
             ok = ok and all(self._in_range(v) for v in value if _is_int(v))
             ok = ok and all(_is_int(v) for v in value)
             return None if ok else f"must be {self.allowed()}"
@@ -137,7 +140,8 @@ class Rule:
         if self.kind == TEXT:
             return [""] if self.nonempty else []
         if self.kind == INTS:
-            return ["abc", "()"] + ([f"({_fmt(self._below())},)"] if self._below() else [])
+            empty = [] if self.allow_empty else ["()"]
+            return ["abc", *empty] + ([f"({_fmt(self._below())},)"] if self._below() else [])
         out = ["abc"] if self.kind == NUMBER else ["abc", "1.5"]
         if self.kind == NUMBER:
             out += ["nan", "inf"]

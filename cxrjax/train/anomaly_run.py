@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cxrjax import anomaly, parallel
+from cxrjax import anomaly, features, parallel
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax.data import builders, mixing, pipeline
@@ -45,6 +45,9 @@ RULES = (
     ("data.normal_class", config_lib.text(nonempty=True)),
     ("encoder.output", config_lib.choice(*encoder_lib.OUTPUTS)),
     ("ddpm.metric", config_lib.choice(*anomaly.METRICS)),
+    ("ddpm.t_star_grid", config_lib.Rule(config_lib.INTS, ge=1, allow_empty=True)),
+    ("eval.features", config_lib.text()),  # "" or a cxrjax.features spec (checked below)
+    ("eval.primary", config_lib.choice("", *anomaly.SPACES)),
     *optim.RULES,
 )
 
@@ -90,10 +93,24 @@ def validate(config) -> None:
     ):
         config_lib.check_positive(config, field, allow_zero=True)
     check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
+    smallest = min((*config.ddpm.t_star_grid, config.ddpm.t_star))
     check(
-        config.ddpm.steps <= config.ddpm.t_star + 1,
+        config.ddpm.steps <= smallest + 1,
         "ddpm.steps",
-        f"must be <= ddpm.t_star + 1 = {config.ddpm.t_star + 1}",
+        f"must be <= ddpm.t_star + 1 = {smallest + 1} (the smallest t* of ddpm.t_star / "
+        "ddpm.t_star_grid)",
+    )
+    grid = tuple(config.ddpm.t_star_grid)
+    check(len(set(grid)) == len(grid), "ddpm.t_star_grid", f"has repeated values {grid}")
+    if config.eval.features:
+        try:
+            features.parse_spec(config.eval.features)
+        except config_lib.ConfigError as error:
+            raise config_lib.ConfigError(f"config.eval.features: {error}") from None
+    check(
+        bool(config.eval.features) or config.eval.primary != "features",
+        "eval.primary",
+        "'features' needs config.eval.features (a cxr:<classifier workdir> spec)",
     )
     try:
         optim.validate(config.optim)
@@ -123,6 +140,14 @@ def check_generator(config):
             f"config.generator_workdir: {workdir} holds a {found} run but method "
             f"{config.method!r} needs a {kind} run"
         )
+    if kind == "ddpm":
+        num_timesteps = int(run_config.diffusion.num_timesteps)
+        for t in (config.ddpm.t_star, *config.ddpm.t_star_grid):
+            config_lib.check(
+                t < num_timesteps,
+                "ddpm.t_star_grid" if t != config.ddpm.t_star else "ddpm.t_star",
+                f"t* = {t} must be < the DDPM run's T = {num_timesteps}",
+            )
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
         raise config_lib.ConfigError(
@@ -177,6 +202,11 @@ def train_and_evaluate(
     if decision.finished:
         return decision.results
     run_config = check_generator(config)
+    if config.eval.features:
+        try:  # the classifier workdir of cxr:, before any compute
+            features.check_spec(config.eval.features)
+        except FileNotFoundError as error:
+            raise config_lib.ConfigError(f"config.eval.features: {error}") from None
     mesh = parallel.make_mesh()
     parallel.check_global_batch(int(config.eval.batch_size), mesh, "eval batch")
     if config.method == "fanogan":
@@ -195,6 +225,8 @@ def train_and_evaluate(
         normal_class, run.spec.class_names, generator.num_classes > 0
     )
     extra: dict[str, Any] = {}
+    space = {"spec": config.eval.features, "primary": config.eval.primary, "mesh": mesh}
+    selection = None
     if config.method == "fanogan":
         trained = train_encoder(
             config, workdir, run, splits["train"], spec, mesh, normal_label, stop_at=stop_at,
@@ -211,16 +243,35 @@ def train_and_evaluate(
             mesh=mesh,
             extra_info={"encoder_workdir": workdir, "encoder_step": trained["step"]},
         )
+        scorer = anomaly.with_features(scorer, **space)
         extra["training"] = trained["summary"]
     else:
         decision.record(config)
-        scorer = anomaly.DDPMScorer(
-            run,
-            normal_class=normal_class,
-            seed=int(config.seed),
-            mesh=mesh,
-            **{k: config.ddpm[k] for k in ("t_star", "steps", "metric", "eta", "guidance")},
-        )
+
+        def ddpm_scorer(t_star):
+            scorer = anomaly.DDPMScorer(
+                run,
+                normal_class=normal_class,
+                seed=int(config.seed),
+                mesh=mesh,
+                t_star=int(t_star),
+                **{k: config.ddpm[k] for k in ("steps", "metric", "eta", "guidance")},
+            )
+            return anomaly.with_features(scorer, **space)
+
+        grid = [int(t) for t in config.ddpm.t_star_grid]
+        scorer = None if grid else ddpm_scorer(config.ddpm.t_star)
+        if grid:  # t* from validation only; test is scored once, at the chosen t*
+            selection = anomaly.select_on_validation(
+                {t: functools.partial(ddpm_scorer, t) for t in grid},
+                splits["val"],
+                spec,
+                normal_class,
+                name="t_star",
+                batch_size=int(config.eval.batch_size),
+                mesh=mesh,
+                num_workers=int(config.data.num_workers),
+            )
     results = anomaly.evaluate(
         scorer,
         {"val": splits["val"], "test": splits["test"]},
@@ -236,6 +287,7 @@ def train_and_evaluate(
         num_workers=int(config.data.num_workers),
         mesh=mesh,
         extra={"config": config_lib.to_dict(config), **extra},
+        selection=selection,
     )
     results["wall_time_s"] = clock.total()
     if parallel.is_main_process():

@@ -71,6 +71,9 @@ def tiny_config(generator_workdir, overrides=None, **fields):
         ({"data.normal_class": "cardiomegaly"}, "normal_class: 'cardiomegaly' is not a class"),
         ({"encoder.output": "sigmoid"}, "encoder.output"),
         ({"ddpm.steps": 50}, "ddpm.steps"),
+        ({"eval.primary": "features"}, "eval.primary: 'features' needs config.eval.features"),
+        ({"eval.features": "bogus:x"}, "eval.features: unknown feature extractor"),
+        ({"eval.features": "cxr:/no/such/classifier"}, "eval.features: .* does not exist"),
     ],
 )
 def test_bad_config_fails_before_compute(pggan_workdir, tmp_path, monkeypatch, overrides, message):
@@ -234,3 +237,64 @@ def test_presets_validate(preset):
     assert bool(config.generator_workdir) == (preset != "tiny")  # tiny: given by the caller
     config.generator_workdir = config.generator_workdir or "/some/run"
     anomaly_run.validate(config)
+
+
+@pytest.fixture(scope="module")
+def classifier_workdir(shipped_data_dir, tmp_path_factory):
+    """A tiny train_classifier workdir (config.json + one untrained checkpoint) for cxr:."""
+    import functools
+
+    from configs import classifier as classifier_configs
+    from cxrjax.train import classifier, optim
+
+    workdir = str(tmp_path_factory.mktemp("classifier"))
+    config = classifier_configs.get_config("tiny")
+    config.data.data_dir = shipped_data_dir
+    config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    model = classifier.make_model(config.model, 2)
+    tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
+    size = int(config.data.resolution)
+    init_fn = functools.partial(
+        classifier.init_state, model, tx, image_shape=(size, size, 1), use_ema=False
+    )
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), best_metric="val/auc", async_save=False
+    )
+    checkpointer.save(1, jax.jit(init_fn)(jax.random.PRNGKey(1)), metrics={"val/auc": 0.5})
+    checkpointer.close()
+    return workdir
+
+
+def test_feature_space_scores_for_both_methods(
+    pggan_workdir, ddpm_workdir, classifier_workdir, tmp_path
+):
+    """eval.features=cxr:<classifier>: f-AnoGAN and DDPM (t* from a validation grid) report
+    pixel and feature spaces side by side, the top level being the primary (features)."""
+    spec = f"cxr:{classifier_workdir}"
+    fast = {"eval.features": spec, "eval.bootstrap": 10, "eval.num_examples": 1}
+    runs = {
+        "fanogan": tiny_config(pggan_workdir, {**fast, "train.num_steps": 2}),
+        "ddpm": tiny_config(
+            ddpm_workdir[0], {**fast, "method": "ddpm", "ddpm.t_star_grid": (10, 20)}
+        ),
+    }
+    for method, config in runs.items():
+        workdir = tmp_path / method
+        results = anomaly_run.train_and_evaluate(config, str(workdir))
+        saved = json.loads((workdir / "results.json").read_text())
+        assert saved["primary_score"] == "features", method
+        assert set(saved["scores"]) == {"pixels", "features"}, method
+        assert saved["test"] == saved["scores"]["features"]["test"]
+        assert saved["scorer"]["features"]["spec"] == spec
+        assert isinstance(saved["warnings"], list)
+        test = np.load(workdir / "test_scores.npz")
+        np.testing.assert_array_equal(test["score"], test["score_features"])
+        auc = skm.roc_auc_score(test["y"], test["score_pixels"])
+        assert saved["scores"]["pixels"]["test"]["auc"] == pytest.approx(auc)
+        assert results["scores"]["features"]["val"]["auc"] == saved["val"]["auc"]
+    selection = saved["t_star_selection"]  # the DDPM run
+    assert selection["grid"] == [10, 20] and selection["space"] == "features"
+    aucs = {int(t): v["features"] for t, v in selection["val_auc"].items()}
+    assert selection["chosen"] == max(aucs, key=aucs.get)
+    assert saved["scorer"]["t_star"] == selection["chosen"]
+    assert saved["val"]["auc"] == pytest.approx(aucs[selection["chosen"]])
