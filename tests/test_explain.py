@@ -36,7 +36,7 @@ def blob_films(rng: np.random.Generator, count: int):
 
 @pytest.fixture(scope="module")
 def blob_model():
-    """A tiny DenseNet trained on blob films (~200 steps, seconds on the CPU)."""
+    """A tiny DenseNet trained on blob films (80 steps of 32, seconds on the CPU)."""
     spec = sources.DatasetSpec("blobs", ("clear", "blob"))
     config = classifier_configs.get_config("tiny")
     model = classifier.make_model(config.model, spec.num_classes)
@@ -48,7 +48,7 @@ def blob_model():
         donate_argnums=0,
     )
     rng = np.random.default_rng(0)
-    for index in range(200):
+    for index in range(80):
         images, labels, _ = blob_films(rng, 32)
         batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
         state, metrics = step(state, batch, jax.random.key(index))
