@@ -1,0 +1,399 @@
+"""Runs (or resumes) a whole experiment: four stages of sub-runs, then results and report.
+
+  1. data_and_headroom: the real splits and the scarce subset; real_scarce and real_full arms
+     (every seed) and the headroom between them, before any generator trains.
+  2. generators_and_synthesis: the judge; PGGAN / DDPM (trained, or shipped exported
+     generators trained on this exact config); synthetic sets (arm sets, judge-filtered sets,
+     CAS sets); quality, class fidelity, the gate; CAS classifiers.
+  3. classifier_arms: every other arm over every seed.
+  4. evaluation: seed-level comparisons, anomaly detection, results.json and report.md.
+
+Every sub-run is its job family's own driver in its own sub-workdir, so a re-run skips finished
+sub-runs and resumes interrupted ones; every sub-run's recorded config is checked against the
+requested one before any work (`cxrjax.train.workdir`), so an edited config is refused with the
+fields named instead of mixing sub-runs of two configs. SIGTERM / SIGINT stop at the next safe
+point and raise `Preempted`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from cxrjax import config as config_lib
+from cxrjax import fileio, parallel
+from cxrjax.experiment import checks, design, evaluation, figures, stages
+from cxrjax.experiment import report as report_lib
+from cxrjax.experiment import utility as utility_lib
+from cxrjax.train import results as results_lib
+from cxrjax.train import workdir as workdir_lib
+
+# Experiment fields that never change a reported number (the sub-runs' own harmless fields
+# are checked by their drivers).
+HARMLESS = (
+    *workdir_lib.HARMLESS,
+    "data.num_workers",
+    "quality.batch_size",
+    *(f"{family}.train.log_every" for family in ("classifier", "pggan", "ddpm", "judge")),
+)
+
+
+class Preempted(Exception):
+    """A signal stopped the experiment at a safe point; re-running the command resumes."""
+
+    def __init__(self, where: str, signal_name: str | None = None):
+        self.where = where
+        self.signal_name = signal_name or "signal"
+        super().__init__(
+            f"preempted ({self.signal_name}) {where}; finished sub-runs and the last "
+            "checkpoint are saved. Re-run the same command to resume."
+        )
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT -> a flag polled between sub-runs.
+
+    Training loops install their own handlers while they run (they save and return
+    "preempted"), and a signal landing in a loop's last moments (its final save) is taken by
+    the loop's handler without stopping anything. So the flag also watches the interpreter's
+    wakeup fd, which receives every handled signal's number whichever handler is installed.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+        self._previous_fd: int | None = None
+        self._pipe: tuple[int, int] | None = None
+        self.signal_name: str | None = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self._SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._pipe = (read_fd, write_fd)
+        self._previous_fd = signal.set_wakeup_fd(write_fd)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def _drain(self) -> None:
+        if self._pipe is None:
+            return
+        try:
+            data = os.read(self._pipe[0], 4096)
+        except BlockingIOError:
+            return
+        for number in data:
+            if number in self._SIGNALS:
+                self.signal_name = self.signal_name or signal.Signals(number).name
+                self._event.set()
+
+    def check(self, where: str) -> None:
+        self._drain()
+        if self._event.is_set():
+            raise Preempted(where, self.signal_name)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _finished(result: Mapping[str, Any], name: str, stop: _StopFlag) -> Mapping[str, Any]:
+    if result.get("finished") is False:
+        stop._drain()
+        raise Preempted(f"during {name} (step {result.get('step')})", stop.signal_name)
+    stop.check(f"after {name}")
+    return result
+
+
+def check_workdirs(config, workdir: str, runs) -> None:
+    """The experiment's and every started sub-run's recorded config against this one, before
+    any work: an edited config is refused naming the fields, never run half old, half new."""
+    workdir_lib.check(config, workdir, harmless=HARMLESS)
+    for name, (kind, sub_workdir, sub) in runs.items():
+        if not os.path.exists(os.path.join(sub_workdir, workdir_lib.CONFIG_FILE)):
+            continue
+        harmless = workdir_lib.HARMLESS
+        if kind in design.GENERATORS and os.path.exists(os.path.join(sub_workdir, "generator.npz")):
+            harmless = (*harmless, *stages.SHIPPED_HARMLESS)
+        try:
+            workdir_lib.check(sub, sub_workdir, harmless=harmless)
+        except config_lib.ConfigError as error:
+            raise workdir_lib.WorkdirConfigError(
+                f"{name}: {error} (the experiment in {workdir} was started with another "
+                "config: use a new --workdir)"
+            ) from None
+
+
+def param_count(config, info) -> dict[str, Any]:
+    from cxrjax.train import classifier
+
+    model = classifier.make_model(config.classifier.model, len(info["class_names"]))
+    r = int(config.data.resolution)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, r, r, 1), np.float32), train=False)
+    )
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes.get("params", shapes)))
+    return {"name": str(config.classifier.model.name), "parameters": count}
+
+
+def generator_budget(kind: str, sub, result: Mapping[str, Any] | None, source: str) -> str:
+    if kind == "pggan":
+        phases = f"{sub.schedule.fade_images} + {sub.schedule.stable_images} images per phase"
+        batch = sub.train.global_batch_size
+        what = f"{sub.model.name} to {sub.data.resolution} px, {phases}, batch {batch}"
+    else:
+        what = (
+            f"{sub.model.name} at {sub.data.resolution} px, {sub.train.num_steps} steps of "
+            f"batch {sub.train.global_batch_size}, lr {sub.optim.lr:g}"
+        )
+    if sub.data.get("balanced"):
+        what += ", class-balanced batches"
+    wall = (result or {}).get("wall_time_s")
+    took = f", trained in {wall / 60:.1f} min" if isinstance(wall, int | float) else ""
+    return f"{what} ({source}{took})"
+
+
+# ----------------------------------------------------------------------------- the run
+def run(config, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the whole experiment in `workdir`; returns the results dict.
+
+    A finished workdir of the same config returns its saved results.json; one of another
+    config is refused (WorkdirConfigError). Raises `Preempted` when SIGTERM / SIGINT stopped it
+    (everything finished so far is kept), ConfigError for a bad config (before any work).
+    """
+    start = time.perf_counter()
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    design.validate(config, workdir)
+    runs = design.plan(config, workdir)
+    check_workdirs(config, workdir, runs)
+    saved = stages.read_json(os.path.join(workdir, "results.json"))
+    if saved is not None:
+        logging.info("%s/results.json exists: the experiment is finished", workdir)
+        return saved
+    if parallel.is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    timings: dict[str, float] = {}
+    sub_results: dict[str, Mapping[str, Any]] = {}
+    generator_source: dict[str, str] = {}
+    with _StopFlag() as stop:
+
+        def run_sub(name: str) -> Mapping[str, Any]:
+            kind, sub_workdir, sub = runs[name]
+            stage = design.stage_of(name)
+            done = os.path.exists(os.path.join(sub_workdir, "results.json"))
+            stages.log(stage, "%s %s (%s) -> %s", "skip (finished)" if done else "run", name,
+                       kind, sub_workdir)  # fmt: skip
+            if kind in design.GENERATORS and config.generators == "shipped" and name == kind:
+                result = stages.install_shipped(kind, sub, sub_workdir)
+                generator_source[name] = result["source"]
+            else:
+                result = design.driver(kind).train_and_evaluate(sub, sub_workdir)
+                generator_source.setdefault(name, "trained in this run")
+            sub_results[name] = _finished(result, name, stop)
+            return result
+
+        # Stage 1: data, the headroom arms.
+        t0 = time.perf_counter()
+        data = stages.prepare_data(config, workdir)
+        info = data["info"]
+        for name in runs:
+            if design.stage_of(name) == 1:
+                run_sub(name)
+        timings[design.STAGES[0]] = results_lib.elapsed(t0)
+
+        # Stage 2: the judge, generators, synthesis, quality, CAS.
+        t0 = time.perf_counter()
+        judge = real = None
+        if "judge" in runs:
+            run_sub("judge")
+            judge = stages.Judge(runs["judge"][1], info, config.scarcity.class_name)
+            real = utility_lib.real_probabilities(config, data, judge)
+        kinds = design.needed_generators(config)
+        for kind in kinds:
+            run_sub(kind)
+        synthetic = (
+            stages.synthesize_all(config, workdir, data, judge, real, stop)
+            if kinds
+            else {"count": 0, "sets": {}, "thresholds": None}
+        )
+        quality = (
+            utility_lib.evaluate(config, workdir, data, synthetic, judge, real, stop)
+            if judge is not None and config.quality.enabled
+            else {}
+        )
+        for name in runs:
+            if name.startswith("cas/"):
+                run_sub(name)
+        timings[design.STAGES[1]] = results_lib.elapsed(t0)
+
+        # Stage 3: every other arm.
+        t0 = time.perf_counter()
+        names = [n for n in runs if design.stage_of(n) == 3]
+        for number, name in enumerate(names, start=1):
+            stages.log(3, "classifier %d of %d", number, len(names))
+            run_sub(name)
+        timings[design.STAGES[2]] = results_lib.elapsed(t0)
+
+        # Stage 4: comparisons, anomaly detection.
+        t0 = time.perf_counter()
+        arms, extras = evaluation.arm_results(config, workdir, info, runs)
+        comparisons = evaluation.comparisons(config, arms, extras)
+        headroom = evaluation.headroom(config, arms, extras)
+        for name in runs:
+            if name.startswith("anomaly/"):
+                run_sub(name)
+        anomaly = (
+            evaluation.anomaly_results(config, workdir, runs) if config.anomaly.enabled else {}
+        )
+        timings[design.STAGES[3]] = results_lib.elapsed(t0)
+    timings["total"] = results_lib.elapsed(start)
+    results = assemble(
+        config, workdir, runs, sub_results, info, arms, extras, comparisons, headroom, synthetic,
+        quality, anomaly, timings, generator_source,
+    )  # fmt: skip
+    problems = checks.check_results(results)
+    if problems:
+        raise AssertionError("experiment results fail their invariants: " + "; ".join(problems))
+    if parallel.is_main_process():
+        figs = figures.make_figures(
+            config, workdir, runs, data, synthetic, quality, anomaly, extras
+        )
+        results["figures"] = figs
+        text = report_lib.markdown(results, figs, figures.caption)
+        fileio.write_text(os.path.join(workdir, "report.md"), text)
+        results_lib.save_results(os.path.join(workdir, "results.json"), results)
+    logging.info(
+        "[experiment] finished in %s: %s/report.md", report_lib._duration(timings["total"]), workdir
+    )
+    for line in results["warnings"]:
+        logging.warning("[experiment] %s", line)
+    return results
+
+
+def assemble(
+    config, workdir, runs, sub_results, info, arms, extras, comparisons, headroom, synthetic,
+    quality, anomaly, timings, generator_source,
+) -> dict[str, Any]:  # fmt: skip
+    """results.json: every figure the report prints, with the data, splits and seeds behind it."""
+    split_use = {
+        "test_split": config.data.test_split,
+        "val_split": config.data.val_split,
+        "training": {},
+        "threshold": {},
+        "checkpoint_selection": {},
+        "quality_real": config.quality.real_split,
+    }
+    for name, (kind, sub_workdir, sub) in runs.items():
+        result = sub_results.get(name) or stages.read_json(
+            os.path.join(sub_workdir, "results.json")
+        )
+        if kind == "classifier":
+            used = result["splits_used"]
+            split_use["training"][name] = used["training"]
+            split_use["threshold"][name] = used["threshold"]
+            split_use["checkpoint_selection"][name] = used["checkpoint_selection"]
+        elif kind == "anomaly":
+            split_use["training"][name] = design.training_splits(kind, sub)
+            split_use["threshold"][name] = result.get("threshold_split")
+        else:
+            split_use["training"][name] = design.training_splits(kind, sub)
+    generators = {}
+    for name, (kind, sub_workdir, sub) in runs.items():
+        if kind not in design.GENERATORS:
+            continue
+        result = sub_results.get(name) or {}
+        source = generator_source.get(name, "trained in this run")
+        generators[name] = {
+            "workdir": os.path.relpath(sub_workdir, workdir),
+            "source": "trained" if source == "trained in this run" else "shipped",
+            "source_detail": source,
+            "budget": generator_budget(kind, sub, result, source),
+            "steps": result.get("step", result.get("final_step")),
+            "wall_time_s": result.get("wall_time_s"),
+        }
+    cas_results = {
+        name.removeprefix("cas/"): sub_results.get(name)
+        or stages.read_json(os.path.join(runs[name][1], "results.json"))
+        for name in runs
+        if name.startswith("cas/")
+    }
+    cas = utility_lib.cas(cas_results)
+    gains = {}
+    for c in comparisons:
+        if design.arm_generator(c["arm"]) and c.get("primary"):
+            gains[c["arm"]] = c["paired_t"]["mean"]
+    results: dict[str, Any] = {
+        "finished": True,
+        "preset": str(config.get("preset", "")),
+        "config": config_lib.to_dict(config),
+        "dataset": info,
+        "classifier_model": param_count(config, info),
+        "headroom": headroom,
+        "generators": generators,
+        "synthetic": {
+            "count": synthetic.get("count", 0),
+            "thresholds": synthetic.get("thresholds"),
+            "sets": {
+                key: {
+                    "folder": os.path.relpath(entry["folder"], workdir),
+                    "generator": entry["generator"],
+                    "counts": (entry.get("provenance") or {}).get("counts"),
+                    "filter": (entry.get("provenance") or {}).get("filter"),
+                }
+                for key, entry in synthetic.get("sets", {}).items()
+            },
+        },
+        "quality": quality,
+        "cas": cas,
+        "metric_vs_utility": utility_lib.metric_vs_utility(quality, cas, gains),
+        "arms": arms,
+        "evaluation": {
+            "test_images": int(len(extras["y"]["test"])),
+            "target": evaluation.target_description(info, config.scarcity.class_name),
+            "headline": (
+                f"binary task, precision / recall / F1 of the positive class "
+                f"{info['class_names'][1]!r}"
+                if len(info["class_names"]) == 2 and info["label_kind"] == "multiclass"
+                else "macro averages over classes"
+            ),
+            "primary_test": "paired t on per-seed test ROC-AUC differences, Holm-corrected",
+            "comparisons": comparisons,
+        },
+        "anomaly": anomaly,
+        "split_use": split_use,
+        "wall_time_s": timings,
+        "sub_run_wall_time_s": {
+            name: (result or {}).get("wall_time_s") for name, result in sub_results.items()
+        },
+        "software": results_lib.software_versions(),
+        "device": results_lib.device_description(),
+    }
+    results = json.loads(json.dumps(results, default=results_lib._json_default))
+    results["warnings"] = report_lib.warnings_list(results)
+    return results
