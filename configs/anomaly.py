@@ -16,7 +16,9 @@ results.md. With `eval.features` set (e.g. cxr:<classifier workdir>), both metho
 ||phi(x) - phi(x_hat)||^2 / D in the classifier's pooled feature space (D features), and
 results.json reports both spaces (results["scores"]["pixels" | "features"]), the top-level
 val/test being the `eval.primary` one (results["primary_score"]). `ddpm.t_star_grid` picks
-the DDPM's t* on validation (results["t_star_selection"]).
+the DDPM's t* on validation (results["t_star_selection"]). Caveat: a cxr: classifier trained
+on these normal/abnormal labels has seen abnormal images and their labels, so its feature
+space is no longer normal-only; say which classifier was used when reporting the score.
 
 Presets:
   tiny                  seconds; a ~2k-parameter encoder, 6 steps of batch 8; for tests. Needs

@@ -279,6 +279,7 @@ class DDPMScorer(Scorer):
 FEATURE_SCORE = "||phi(x) - phi(x_hat)||^2 / D, phi = the extractor's features, D their dimension"
 
 
+@functools.lru_cache(maxsize=8)  # one compiled function per extractor, shared by scorers
 def feature_distance_fn(apply_fn, input_size: int | None):
     """(params, images, reconstructions) -> ||phi(x) - phi(x_hat)||^2 / D per image, float32 [B].
 
@@ -297,7 +298,7 @@ def feature_distance_fn(apply_fn, input_size: int | None):
         phi_x, phi_recon = jnp.split(apply_fn(params, both).astype(jnp.float32), 2)
         return jnp.mean(jnp.square(phi_x - phi_recon), axis=-1)  # mean over D: / D
 
-    return distance
+    return jax.jit(distance)
 
 
 class FeatureSpaceScorer(Scorer):
@@ -316,7 +317,7 @@ class FeatureSpaceScorer(Scorer):
         self.method, self.resolution = base.method, base.resolution
         self.spaces, self.primary = SPACES, primary
         self._params = parallel.replicate(extractor.params, mesh)
-        self._distance = jax.jit(feature_distance_fn(extractor.apply_fn, extractor.input_size))
+        self._distance = feature_distance_fn(extractor.apply_fn, extractor.input_size)
         self.info = {
             **base.info,
             "features": extractor.describe(),
@@ -334,17 +335,18 @@ class FeatureSpaceScorer(Scorer):
         return out
 
 
-def with_features(scorer: Scorer, spec: str, *, primary: str = "", mesh=None) -> Scorer:
-    """`scorer` itself when `spec` is "", else a FeatureSpaceScorer with the extractor named
-    by `spec` (`features.make_extractor`). primary "" = "features" when spec is set."""
+def with_features(scorer: Scorer, spec, *, primary: str = "", mesh=None) -> Scorer:
+    """`scorer` itself when `spec` is "", else a FeatureSpaceScorer with `spec` (an Extractor,
+    or a spec string for `features.make_extractor`). primary "" = "features" when spec is set."""
     if not spec:
         if primary == "features":
             raise config_lib.ConfigError("primary score 'features' needs a feature extractor")
         return scorer
-    from cxrjax import features  # loads classifier code only when asked for
+    if isinstance(spec, str):
+        from cxrjax import features  # loads classifier code only when asked for
 
-    extractor = features.make_extractor(spec)
-    return FeatureSpaceScorer(scorer, extractor, primary=primary or "features", mesh=mesh)
+        spec = features.make_extractor(spec)
+    return FeatureSpaceScorer(scorer, spec, primary=primary or "features", mesh=mesh)
 
 
 def load_scorer(method: str, workdir: str, *, mesh=None, **options) -> Scorer:
@@ -488,10 +490,6 @@ def score_labelled(scorer: Scorer, source, spec, normal_class: str, split: str, 
     return out
 
 
-def _auc(y, scores) -> float:
-    return _metrics(y, scores)["auc"]
-
-
 @dataclasses.dataclass
 class Selection:
     """A scorer setting chosen on validation (`select_on_validation`)."""
@@ -517,7 +515,7 @@ def select_on_validation(
     for value, make in candidates.items():
         scorer = make()
         out = score_labelled(scorer, source, spec, normal_class, f"val ({name}={value})", **options)
-        aucs[str(value)] = {space: _auc(out["y"], out[f"score/{space}"]) for space in scorer.spaces}
+        aucs[str(value)] = {s: _metrics(out["y"], out[f"score/{s}"])["auc"] for s in scorer.spaces}
         for space in scorer.spaces:
             grid[space].append(out[f"score/{space}"])
         logging.info("[select] %s %s=%s: validation ROC-AUC %s", scorer.method, name, value,

@@ -4,10 +4,16 @@ method "fanogan": restores the PGGAN run in `config.generator_workdir` (EMA G + 
 checkpoint), trains the encoder on the normal training images only (`data.normal_class`) through
 `loop.run` with Orbax checkpoints of (encoder state, Grain iterator, run signature), then scores
 validation and test with `cxrjax.anomaly.evaluate`. method "ddpm": restores the DDPM run and
-only evaluates. Everything lands in the workdir; a finished workdir returns its results.json.
+only evaluates, at `ddpm.t_star` or, with `ddpm.t_star_grid`, at the t* of the grid with the
+best validation ROC-AUC (`anomaly.select_on_validation`; test is scored once, at that t*).
+`eval.features` (e.g. cxr:<classifier workdir>) adds the reconstruction error in that
+extractor's feature space to both methods (`anomaly.with_features`); `eval.primary` names the
+space the top-level results report. Everything lands in the workdir; a finished workdir
+returns its results.json.
 
 Every config error (unknown method, missing or wrong generator workdir, a normal class the
-dataset or the conditional generator does not have) is raised before any compile.
+dataset or the conditional generator does not have, a t* outside the DDPM's T, a bad or
+missing feature extractor) is raised before any compile.
 """
 
 from __future__ import annotations
@@ -225,7 +231,9 @@ def train_and_evaluate(
         normal_class, run.spec.class_names, generator.num_classes > 0
     )
     extra: dict[str, Any] = {}
-    space = {"spec": config.eval.features, "primary": config.eval.primary, "mesh": mesh}
+    # The extractor is restored once and shared by every scorer (each t* of a grid).
+    extractor = features.make_extractor(config.eval.features) if config.eval.features else ""
+    space = {"spec": extractor, "primary": config.eval.primary, "mesh": mesh}
     selection = None
     if config.method == "fanogan":
         trained = train_encoder(
