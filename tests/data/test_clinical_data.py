@@ -193,3 +193,24 @@ def test_bad_layouts_list_what_is_accepted(tmp_path, layout, message):
         error.value
     )
     assert "\n" not in str(error.value)
+
+
+def test_nih_data_entry_csv_works_as_a_label_file(tmp_path):
+    from cxrjax.data.builders import nih_chest_xray14
+
+    root = testing.write_nih(tmp_path / "nih", nested=True)
+    builder = builders.prepare(
+        "image_folder",
+        manual_dir=root,
+        labels_csv="Data_Entry_2017.csv",
+        class_names=nih_chest_xray14.FINDINGS,
+        data_dir=tmp_path / "out",
+        resolution=8,
+    )
+    assert builders.spec(builder).label_kind == sources.MULTILABEL
+    assert builder.info.metadata["patient_ids"] == "label file column"
+    assert "Patient Age" in builder.info.metadata["ignored_columns"]
+    total = sum(split.num_examples for split in builder.info.splits.values())
+    assert total == len(testing.NIH_ROWS)
+    no_finding = sum(builders.class_counts(builder, s)["No Finding"] for s in builder.info.splits)
+    assert no_finding == sum(row[1] == "No Finding" for row in testing.NIH_ROWS)
