@@ -112,8 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     # DDPM partial diffusion: noise to index t_star (of the run's T), `steps` DDIM steps back.
-    # t_star_grid: () = use t_star; else score validation at every t* of the grid, keep the best
-    # validation ROC-AUC (primary space; first on ties) and score test once, at that t*.
+    # t_star_grid: () = use t_star; else (t_star unused) score validation at every t* of the
+    # grid, keep the best validation ROC-AUC (primary space; first on ties) and score test
+    # once, at that t*.
     config.ddpm = ml_collections.ConfigDict(
         dict(t_star=200, t_star_grid=(), steps=10, metric="mse", eta=0.0, guidance=0.0)
     )

@@ -280,6 +280,9 @@ def train_and_evaluate(
                 mesh=mesh,
                 num_workers=int(config.data.num_workers),
             )
+        # The t* used for test (chosen on validation when there is a grid) and the grid.
+        extra["t_star"] = int(selection.chosen if grid else config.ddpm.t_star)
+        extra["t_star_grid"] = grid
     results = anomaly.evaluate(
         scorer,
         {"val": splits["val"], "test": splits["test"]},

@@ -296,5 +296,6 @@ def test_feature_space_scores_for_both_methods(
     assert selection["grid"] == [10, 20] and selection["space"] == "features"
     aucs = {int(t): v["features"] for t, v in selection["val_auc"].items()}
     assert selection["chosen"] == max(aucs, key=aucs.get)
-    assert saved["scorer"]["t_star"] == selection["chosen"]
+    assert saved["scorer"]["t_star"] == saved["t_star"] == selection["chosen"]
+    assert saved["t_star_grid"] == [10, 20]
     assert saved["val"]["auc"] == pytest.approx(aucs[selection["chosen"]])
