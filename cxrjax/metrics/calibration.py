@@ -101,7 +101,15 @@ def summarize(
 ) -> dict[str, Any]:
     """ECE and Brier with percentile-bootstrap CIs, the reliability table, per-finding values."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
-    result: dict[str, Any] = {"what": _kind(labels, probs), "num_bins": num_bins}
+    kind = _kind(labels, probs)
+    names = list(class_names or [str(k) for k in range(probs.shape[1])])
+    probability = {
+        "binary": f"P({names[1]})",
+        "multiclass": "top-label confidence",
+        "multilabel": "each finding's probability (means over findings)",
+    }[kind]
+    result: dict[str, Any] = {"what": kind, "probability": probability, "num_bins": num_bins}
+    result["level"] = level
     result.update(_point(labels, probs, num_bins))
     if n_bootstrap:
         rng = np.random.default_rng(seed)
@@ -117,7 +125,6 @@ def summarize(
             result[f"{key}_ci"] = [float(low), float(high)]
     prob, outcome = _targets(labels, probs)
     if prob.ndim == 2:
-        names = list(class_names or [str(k) for k in range(prob.shape[1])])
         result["per_class"] = {
             name: {
                 "ece": ece(prob[:, k], outcome[:, k], num_bins),
@@ -257,8 +264,11 @@ def markdown(calibration: Mapping[str, Any]) -> str:
     lines = [
         "## Calibration",
         "",
-        f"Calibrated probability: {calibration['test']['what']} (see cxrjax.metrics.calibration); "
-        f"{calibration['test']['num_bins']} equal-width bins; temperature fitted on validation.",
+        f"Calibrated probability: {calibration['test']['probability']}; expected calibration "
+        f"error over {calibration['test']['num_bins']} equal-width bins, Brier score, "
+        f"{100 * calibration['test']['level']:.0f} % bootstrap CIs over test images; "
+        "temperature fitted on validation "
+        "(cxrjax/metrics/calibration.py).",
         "",
         "| split | ECE | Brier |",
         "| --- | --- | --- |",
