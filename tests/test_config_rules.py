@@ -28,7 +28,7 @@ FAMILIES = {
         classifier_run,
         ("tiny", "pneumonia_mnist", "kermany_binary", "kermany_3class", "nih14", "image_folder"),
     ),
-    "pggan": (gan_run, ("tiny", "pneumonia_mnist")),
+    "pggan": (gan_run, ("tiny", "pneumonia_mnist", "pneumonia_mnist_scarce")),
     "ddpm": (diffusion_run, ("tiny", "pneumonia_mnist")),
     "anomaly": (anomaly_run, ("tiny", "pneumonia_mnist", "pneumonia_mnist_ddpm")),
 }

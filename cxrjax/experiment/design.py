@@ -226,8 +226,8 @@ def anomaly_config(config, method: str, workdir: str) -> ml_collections.ConfigDi
         test_split=config.data.test_split,
         num_workers=config.data.num_workers,
     )
-    if config.anomaly.features == "judge" and "features" in sub:
-        sub.features = f"cxr:{os.path.join(workdir, 'judge')}"
+    if config.anomaly.features == "judge":
+        sub.eval.features = f"cxr:{os.path.join(workdir, 'judge')}"
     return sub
 
 
@@ -389,8 +389,8 @@ def validate(config, workdir: str | None = None) -> None:
         if kind == "classifier":
             checked.data.synthetic.manual_dir = ""  # synthetic folders do not exist yet
             checked.data.synthetic.only = False
-        if kind == "anomaly" and "features" in checked:
-            checked.features = ""  # the judge does not exist yet
+        if kind == "anomaly":
+            checked.eval.features = ""  # the judge does not exist yet
         try:
             driver(kind).validate(checked)
         except config_lib.ConfigError as error:

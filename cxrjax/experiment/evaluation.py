@@ -254,7 +254,7 @@ def anomaly_results(config, workdir, runs) -> dict[str, Any]:
                 for space, block in spaces.items()
                 if isinstance(block, Mapping) and "val" in block
             }
-            entry["primary_space"] = result.get("primary", result.get("primary_space"))
+            entry["primary_space"] = result.get("primary_score")
         for key in ("t_star", "t_star_grid", "t_star_selection"):
             if key in result:
                 entry[key] = result[key]
