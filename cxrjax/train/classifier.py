@@ -263,17 +263,29 @@ def compile_steps(model, tx, loss_fn, schedule, mesh, abstract_state, *, ema_dec
 class ValPlateau:
     """Feeds validation losses to a val_plateau optimizer state (CheXNet's schedule).
 
-    The driver's eval function calls `observe(val_loss)`; the train step returned by `wrap`
-    applies a pending loss to the state (jitted `optim.plateau_observe`) just before its next
-    update, so every decision lives in the optimizer state that checkpoints save. The loss of
-    an evaluation at step S is applied after the checkpoint of step S was written, so a run
-    resumed at an evaluation step evaluates once more first (`resume`): the same state and
-    data give the same loss, and the run continues exactly as an uninterrupted one.
+    The driver's eval function calls `observe(labels, probs)` with the validation predictions:
+    the training loss of those (same class weights) is the validation loss. `self.train_step`
+    (the driver's step, wrapped) applies it to the state (jitted `optim.plateau_observe`) just
+    before its next update, so every decision lives in the optimizer state that checkpoints
+    save. The loss of an evaluation at step S is applied after the checkpoint of step S was
+    written, so a run resumed at an evaluation step evaluates once more first (`resume`): the
+    same state and data give the same loss, and the run continues exactly as an uninterrupted
+    one. With another schedule every method is a no-op.
     """
 
-    def __init__(self, optim_config: Mapping[str, Any], sharding: jax.sharding.Sharding):
-        factor = float(optim_config.get("plateau_factor", 0.1))
-        patience = int(optim_config.get("plateau_patience", 1))
+    def __init__(
+        self,
+        config,
+        spec: sources.DatasetSpec,
+        weights: np.ndarray,
+        sharding: jax.sharding.Sharding,
+        train_step: Callable,
+    ):
+        self.active = config.optim.schedule == "val_plateau"
+        self._spec, self._weights = spec, weights
+        self._eval_every = int(config.train.eval_every)
+        factor = float(config.optim.get("plateau_factor", 0.1))
+        patience = int(config.optim.get("plateau_patience", 1))
 
         def apply(state, loss):
             return state.replace(
@@ -282,11 +294,19 @@ class ValPlateau:
 
         self._apply = jax.jit(apply, out_shardings=sharding, donate_argnums=0)
         self._pending: float | None = None
+        self.train_step = self.wrap(train_step)
 
-    def observe(self, val_loss: float) -> None:
-        self._pending = float(val_loss)
+    def observe(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+        """Validation predictions -> {"val/loss": loss} (pending for the next step); {} if off."""
+        if not self.active:
+            return {}
+        self._pending = loss_from_probs(self._spec, self._weights, labels, probs)
+        return {"val/loss": self._pending}
 
     def wrap(self, train_step: Callable) -> Callable:
+        if not self.active:
+            return train_step
+
         def step(state, batch, rng):
             if self._pending is not None:
                 state = self._apply(state, np.float32(self._pending))
@@ -295,9 +315,10 @@ class ValPlateau:
 
         return step
 
-    def resume(self, eval_fn: Callable, state: Any, start_step: int, eval_every: int) -> None:
+    def resume(self, eval_fn: Callable, state: Any, start_step: int) -> None:
         """Re-observes the evaluation a resumed run's checkpoint was saved right after."""
-        if start_step > 0 and eval_every > 0 and start_step % eval_every == 0:
+        every = self._eval_every
+        if self.active and start_step > 0 and every > 0 and start_step % every == 0:
             eval_fn(state, start_step)
 
 

@@ -346,8 +346,7 @@ def train_and_evaluate(
     if config.model.pretrained:
         from cxrjax.models import torch_import
 
-        # Concrete variables, not eval_shape's: a head that does not fit the checkpoint
-        # (ImageNet's 1000 classes -> 14 findings) keeps its initial values.
+        # Concrete (not eval_shape's): a head that does not fit (ImageNet's 1000) keeps its init.
         init_vars = model.init(rng, jnp.zeros((1, *image_shape)), train=False)
         variables = torch_import.load_pretrained(config.model.pretrained, init_vars)
         init_fn = functools.partial(init_fn, variables=variables)
@@ -389,10 +388,7 @@ def train_and_evaluate(
             num_workers=config.data.num_workers,
         )
 
-    plateau = None
-    if config.optim.schedule == "val_plateau":  # CheXNet: lr / 10 when validation loss stalls
-        plateau = classifier_lib.ValPlateau(config.optim, replicated)
-        train_step = plateau.wrap(train_step)
+    plateau = classifier_lib.ValPlateau(config, spec, weights, replicated, train_step)
 
     def eval_fn(state, step):
         del step
@@ -400,12 +396,7 @@ def train_and_evaluate(
         result = cls_metrics.evaluate(
             out["labels"], out["probs"], class_names=spec.class_names, n_bootstrap=0
         )
-        metrics = {"val/auc": headline_auc(result)}
-        if plateau is not None:
-            loss = classifier_lib.loss_from_probs(spec, weights, out["labels"], out["probs"])
-            metrics["val/loss"] = loss
-            plateau.observe(loss)
-        return metrics
+        return {"val/auc": headline_auc(result), **plateau.observe(out["labels"], out["probs"])}
 
     signature = {
         "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
@@ -431,15 +422,14 @@ def train_and_evaluate(
         )
         clock.resume(checkpointer.restored_meta)
         decision.record(config)  # the run is accepted: now its config.json is (re)written
-    if plateau is not None:
-        plateau.resume(eval_fn, state, start_step, config.train.eval_every)
+    plateau.resume(eval_fn, state, start_step)
     writer = writer_lib.MetricWriter(
         workdir, enabled=parallel.is_main_process(), resume_step=start_step
     )
     try:
         outcome = loop.run(
             state=state,
-            train_step=train_step,
+            train_step=plateau.train_step,  # CheXNet's val_plateau, or train_step itself
             batches=train_iter,
             mesh=mesh,
             # A host copy: the state (and its rng leaf) is donated to the first step.
@@ -522,10 +512,9 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
     val_result = cls_metrics.evaluate(val["labels"], val["probs"], threshold=threshold, **common)
     test = predict_split(predict, state, eval_batches("test"), mesh)  # The only read of test.
     test_result = cls_metrics.evaluate(test["labels"], test["probs"], threshold=threshold, **common)
-    # Calibration (temperature fitted on validation) and, on the NIH findings, the paper's AUCs.
     figure = os.path.join(workdir, "reliability.png") if parallel.is_main_process() else None
     extra = {**extra, "calibration": calibration.evaluate(val, test, **common, figure_path=figure)}
-    if chexnet.applies(spec.class_names):
+    if chexnet.applies(spec.class_names):  # the NIH findings: the paper's AUCs beside ours
         extra["chexnet_comparison"] = chexnet.comparison(test_result)
     results = {
         "dataset": {
@@ -705,8 +694,6 @@ def write_markdown(
         "",
         "![ROC](roc.png)" if os.path.exists(os.path.join(os.path.dirname(path), "roc.png")) else "",
     ]
-    if "calibration" in results:
-        lines += ["", calibration.markdown(results["calibration"])]
-    if "chexnet_comparison" in results:
-        lines += ["", chexnet.markdown(results["chexnet_comparison"])]
+    for key, section in (("calibration", calibration), ("chexnet_comparison", chexnet)):
+        lines += ["", section.markdown(results[key])] if key in results else []
     fileio.write_text(path, "\n".join(lines) + "\n")
