@@ -173,7 +173,8 @@ def test_resume_with_a_different_batch_fails_naming_it(shipped_data_dir, tmp_pat
     )
     classifier_run.train_and_evaluate(config, str(tmp_path), stop_at=2)
     config.train.global_batch_size = 8
-    with pytest.raises(checkpoint_lib.CheckpointError, match="global_batch_size"):
+    # Refused by the workdir check (#19) before anything is written, naming the field.
+    with pytest.raises(config_lib.ConfigError, match=r"global_batch_size 16 -> 8.*force"):
         classifier_run.train_and_evaluate(config, str(tmp_path))
 
 
