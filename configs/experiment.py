@@ -30,7 +30,7 @@ another dataset (`--config.data.name=image_folder --config.data.manual_dir=PATH`
 Presets (times: see each preset's comment; the machine a time was measured on is named):
   smoke               same code path, tiny models at 16 px, 2 seeds: <= 3 min on a 2-core CPU
                       (the test). Numbers are meaningless.
-  demo                the README quick start: the shipped PneumoniaMNIST subset at 32 px on a
+  demo                the README quick start: the shipped PneumoniaMNIST subset at 28 px on a
                       2-core CPU in <= 20 min (see _demo and README for the measured time and
                       result); 1 % of the normals kept, the shipped PGGAN, a DDPM trained in
                       the run, 5 seeds.
@@ -166,6 +166,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(
         dict(bootstrap=1000, hierarchical_bootstrap=1000, confidence=0.95, alpha=0.05)
     )
+    # CAM overlays per arm on the same validation films: this many films per class (0 = none).
+    config.figures = ml_collections.ConfigDict(dict(explain_per_class=2))
     return config
 
 
@@ -200,7 +202,7 @@ def _smoke(config) -> None:
         config[name].data.balanced = True
     config.fanogan.encoder.update(base_features=4, max_features=8)
     config.fanogan.train.update(global_batch_size=8, num_steps=4, log_every=2, checkpoint_every=0)
-    config.ddpm_score.ddpm.update(t_star=20, steps=2)
+    config.ddpm_score.ddpm.update(t_star=20, t_star_grid=(10, 20), steps=2)
     for name in ("fanogan", "ddpm_score"):
         config[name].eval.update(batch_size=64, bootstrap=50, num_examples=2)
     config.eval.bootstrap = 100
@@ -215,7 +217,7 @@ def _demo(config) -> None:
     (`configs/pggan.py:pneumonia_mnist_scarce`: ~25 min on the CPU, too long for the demo);
     the DDPM trains in the run (unet_demo28 at the data's 28 px, class-balanced batches).
     """
-    config.data.resolution = 32
+    config.data.resolution = 28
     config.seeds = 5
     config.scarcity.fraction = 0.01
     config.generators = "shipped"
@@ -224,9 +226,9 @@ def _demo(config) -> None:
     config.synthesis.update(balance=0.5, quality_per_class=64, steps=20, batch_size=128)
     config.quality.update(kid_subset_size=100, kid_subsets=50)
     cls = config.classifier
-    cls.data.resolution = 32
+    cls.data.resolution = 28
     cls.train.update(
-        global_batch_size=32, num_steps=150, log_every=50, eval_every=50, checkpoint_every=150
+        global_batch_size=32, num_steps=200, log_every=50, eval_every=100, checkpoint_every=100
     )
     cls.optim.update(lr=2e-3, warmup_steps=15)
     cls.eval.update(batch_size=256, bootstrap=200)

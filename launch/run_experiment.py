@@ -4,10 +4,12 @@ r"""Runs the paper's experiment end to end: data, generators, synthesis, classif
       [--config.seeds=5 --config.scarcity.fraction=0.05 ...]
 
 Writes WORKDIR/results.json, WORKDIR/report.md, WORKDIR/figures/ and one sub-workdir per
-sub-run (pggan/, ddpm/, synthetic/, quality/, arms/<arm>/seed<k>/, anomaly/). Re-running the
-same command skips finished sub-runs and resumes interrupted training; SIGTERM/SIGINT stop it
-cleanly (exit 0, "preempted ... re-run the same command to resume"). XLA compilations are
-cached in WORKDIR/jax_cache (--jax_cache="" turns that off), so a resumed run compiles less.
+sub-run (judge/, pggan/, ddpm/, synthetic/, quality/, cas/, arms/<arm>/seed<k>/, anomaly/).
+An edited config on an existing WORKDIR is refused (exit 2) naming the fields that differ.
+Re-running the same command skips finished sub-runs and resumes interrupted training;
+SIGTERM/SIGINT stop it cleanly (exit 0, "preempted ... re-run the same command to resume").
+XLA compilations are cached in WORKDIR/jax_cache (--jax_cache="" turns that off), so a resumed
+run compiles less.
 """
 
 from __future__ import annotations
@@ -59,12 +61,17 @@ def main(argv):
         lambda results: {
             "workdir": WORKDIR.value,
             "report": os.path.join(WORKDIR.value, "report.md"),
+            "headroom": (results.get("headroom") or {}).get("test", {}).get("gap"),
             "verdicts": {
-                f"{c['arm']} vs {c['reference']}": f"{c['verdict']} (AUC {c['auc_difference']:+.3f}"
-                f", p={c['p_value']:.3g})"
+                f"{c['arm']} vs {c['reference']}": f"{c['verdict']} (AUC "
+                f"{c['paired_t']['mean']:+.3f} per seed, Holm p={c['p_holm']:.3g})"
                 for c in results["evaluation"]["comparisons"]
-                if c["arm"] in ("pggan", "ddpm")
+                if c.get("primary")
             },
+            "generators_adequate": {
+                kind: q["gate"]["adequate"] for kind, q in (results.get("quality") or {}).items()
+            },
+            "warnings": len(results.get("warnings", [])),
         },
     )
 

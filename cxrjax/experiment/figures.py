@@ -121,6 +121,7 @@ def make_figures(
                     series, os.path.join(figures_dir, f"{label}.png"), title=f"{name} training"
                 )
             )
+    figures.update(explain_figures(config, workdir, runs, data, figures_dir))
     for kind in quality:
         folder = os.path.join(workdir, "quality", kind)
         for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -136,6 +137,27 @@ def make_figures(
                 shutil.copyfile(source, target)
                 figures[f"anomaly_{method}_{file[:-4]}"] = rel(target)
     return figures
+
+
+def explain_figures(config, workdir, runs, data, figures_dir) -> dict[str, str]:
+    """CAM overlays of every arm (seed 0) on the same validation films, a few of each class."""
+    from cxrjax import explain
+
+    spec = data["spec"]
+    if spec.label_kind != "multiclass" or not config.figures.explain_per_class:
+        return {}
+    indices = []
+    for c, name in enumerate(spec.class_names):
+        members = mixing.class_indices(data["labels"]["val"], name, spec.class_names)
+        indices += [int(i) for i in stages.cap(members, config.figures.explain_per_class, 30 + c)]
+    out = {}
+    for arm in config.arms:
+        target = os.path.join(figures_dir, "explain", arm)
+        paths = explain.overlays(
+            runs[f"arms/{arm}/seed0"][1], "val", indices, method="cam", output_dir=target
+        )
+        out[f"explain_{arm}"] = os.path.relpath(paths[0], workdir)
+    return out
 
 
 def caption(name: str) -> str:
@@ -156,6 +178,12 @@ def caption(name: str) -> str:
     kind = {"pggan": "PGGAN", "ddpm": "DDPM"}.get(head)
     if kind and rest.startswith("embedding_"):
         return f"{kind}: real vs synthetic features ({rest.removeprefix('embedding_').upper()})"
+    if head == "explain":
+        arm = rest
+        return (
+            f"Where the classifier looks (CAM, seed 0): {report_lib.label(arm)}, the same "
+            "validation films for every arm"
+        )
     if head == "anomaly":
         method, _, figure = rest.rpartition("_")
         what = {"roc": "ROC (val, test)", "residuals": "input / reconstruction / residual"}

@@ -149,6 +149,18 @@ def check_workdirs(config, workdir: str, runs) -> None:
             ) from None
 
 
+def accumulate_timings(workdir: str, timings: Mapping[str, float]) -> dict[str, float]:
+    """Stage wall times summed over every invocation that worked on this experiment (an
+    interrupted run's time is kept in timings.json and added to the one that finishes)."""
+    path = os.path.join(workdir, "timings.json")
+    before = stages.read_json(path) or {}
+    total = {k: round(before.get(k, 0.0) + v, 2) for k, v in timings.items()}
+    total["invocations"] = int(before.get("invocations", 0)) + 1
+    if parallel.is_main_process():
+        fileio.write_json(path, total)
+    return total
+
+
 def param_count(config, info) -> dict[str, Any]:
     from cxrjax.train import classifier
 
@@ -174,7 +186,7 @@ def generator_budget(kind: str, sub, result: Mapping[str, Any] | None, source: s
     if sub.data.get("balanced"):
         what += ", class-balanced batches"
     wall = (result or {}).get("wall_time_s")
-    took = f", trained in {wall / 60:.1f} min" if isinstance(wall, int | float) else ""
+    took = f": {wall / 60:.1f} min" if isinstance(wall, int | float) else ""
     return f"{what} ({source}{took})"
 
 
@@ -201,78 +213,88 @@ def run(config, workdir: str) -> dict[str, Any]:
     timings: dict[str, float] = {}
     sub_results: dict[str, Mapping[str, Any]] = {}
     generator_source: dict[str, str] = {}
-    with _StopFlag() as stop:
+    t0 = time.perf_counter()
+    try:
+        with _StopFlag() as stop:
 
-        def run_sub(name: str) -> Mapping[str, Any]:
-            kind, sub_workdir, sub = runs[name]
-            stage = design.stage_of(name)
-            done = os.path.exists(os.path.join(sub_workdir, "results.json"))
-            stages.log(stage, "%s %s (%s) -> %s", "skip (finished)" if done else "run", name,
-                       kind, sub_workdir)  # fmt: skip
-            if kind in design.GENERATORS and config.generators == "shipped" and name == kind:
-                result = stages.install_shipped(kind, sub, sub_workdir)
-                generator_source[name] = result["source"]
-            else:
-                result = design.driver(kind).train_and_evaluate(sub, sub_workdir)
-                generator_source.setdefault(name, "trained in this run")
-            sub_results[name] = _finished(result, name, stop)
-            return result
+            def run_sub(name: str) -> Mapping[str, Any]:
+                kind, sub_workdir, sub = runs[name]
+                stage = design.stage_of(name)
+                done = os.path.exists(os.path.join(sub_workdir, "results.json"))
+                stages.log(stage, "%s %s (%s) -> %s", "skip (finished)" if done else "run", name,
+                           kind, sub_workdir)  # fmt: skip
+                if kind in design.GENERATORS and config.generators == "shipped" and name == kind:
+                    result = stages.install_shipped(kind, sub, sub_workdir)
+                    generator_source[name] = result["source"]
+                else:
+                    result = design.driver(kind).train_and_evaluate(sub, sub_workdir)
+                    generator_source.setdefault(name, "trained in this run")
+                sub_results[name] = _finished(result, name, stop)
+                return result
 
-        # Stage 1: data, the headroom arms.
-        t0 = time.perf_counter()
-        data = stages.prepare_data(config, workdir)
-        info = data["info"]
-        for name in runs:
-            if design.stage_of(name) == 1:
+            # Stage 1: data, the headroom arms.
+            t0 = time.perf_counter()
+            data = stages.prepare_data(config, workdir)
+            info = data["info"]
+            for name in runs:
+                if design.stage_of(name) == 1:
+                    run_sub(name)
+            timings[design.STAGES[0]] = results_lib.elapsed(t0)
+
+            # Stage 2: the judge, generators, synthesis, quality, CAS.
+            t0 = time.perf_counter()
+            judge = real = None
+            if "judge" in runs:
+                run_sub("judge")
+                judge = stages.Judge(runs["judge"][1], info, config.scarcity.class_name)
+                real = utility_lib.real_probabilities(config, data, judge)
+            kinds = design.needed_generators(config)
+            for kind in kinds:
+                run_sub(kind)
+            synthetic = (
+                stages.synthesize_all(config, workdir, data, judge, real, stop)
+                if kinds
+                else {"count": 0, "sets": {}, "thresholds": None}
+            )
+            quality = (
+                utility_lib.evaluate(config, workdir, data, synthetic, judge, real, stop)
+                if judge is not None and config.quality.enabled
+                else {}
+            )
+            for name in runs:
+                if name.startswith("cas/"):
+                    run_sub(name)
+            timings[design.STAGES[1]] = results_lib.elapsed(t0)
+
+            # Stage 3: every other arm.
+            t0 = time.perf_counter()
+            names = [n for n in runs if design.stage_of(n) == 3]
+            for number, name in enumerate(names, start=1):
+                stages.log(3, "classifier %d of %d", number, len(names))
                 run_sub(name)
-        timings[design.STAGES[0]] = results_lib.elapsed(t0)
+            timings[design.STAGES[2]] = results_lib.elapsed(t0)
 
-        # Stage 2: the judge, generators, synthesis, quality, CAS.
-        t0 = time.perf_counter()
-        judge = real = None
-        if "judge" in runs:
-            run_sub("judge")
-            judge = stages.Judge(runs["judge"][1], info, config.scarcity.class_name)
-            real = utility_lib.real_probabilities(config, data, judge)
-        kinds = design.needed_generators(config)
-        for kind in kinds:
-            run_sub(kind)
-        synthetic = (
-            stages.synthesize_all(config, workdir, data, judge, real, stop)
-            if kinds
-            else {"count": 0, "sets": {}, "thresholds": None}
-        )
-        quality = (
-            utility_lib.evaluate(config, workdir, data, synthetic, judge, real, stop)
-            if judge is not None and config.quality.enabled
-            else {}
-        )
-        for name in runs:
-            if name.startswith("cas/"):
-                run_sub(name)
-        timings[design.STAGES[1]] = results_lib.elapsed(t0)
-
-        # Stage 3: every other arm.
-        t0 = time.perf_counter()
-        names = [n for n in runs if design.stage_of(n) == 3]
-        for number, name in enumerate(names, start=1):
-            stages.log(3, "classifier %d of %d", number, len(names))
-            run_sub(name)
-        timings[design.STAGES[2]] = results_lib.elapsed(t0)
-
-        # Stage 4: comparisons, anomaly detection.
-        t0 = time.perf_counter()
-        arms, extras = evaluation.arm_results(config, workdir, info, runs)
-        comparisons = evaluation.comparisons(config, arms, extras)
-        headroom = evaluation.headroom(config, arms, extras)
-        for name in runs:
-            if name.startswith("anomaly/"):
-                run_sub(name)
-        anomaly = (
-            evaluation.anomaly_results(config, workdir, runs) if config.anomaly.enabled else {}
-        )
-        timings[design.STAGES[3]] = results_lib.elapsed(t0)
+            # Stage 4: comparisons, anomaly detection.
+            t0 = time.perf_counter()
+            arms, extras = evaluation.arm_results(config, workdir, info, runs)
+            comparisons = evaluation.comparisons(config, arms, extras)
+            headroom = evaluation.headroom(config, arms, extras)
+            for name in runs:
+                if name.startswith("anomaly/"):
+                    run_sub(name)
+            anomaly = (
+                evaluation.anomaly_results(config, workdir, runs) if config.anomaly.enabled else {}
+            )
+            timings[design.STAGES[3]] = results_lib.elapsed(t0)
+    except Preempted:
+        current = next((s for s in design.STAGES if s not in timings), None)
+        if current is not None:
+            timings[current] = results_lib.elapsed(t0)
+        timings["total"] = results_lib.elapsed(start)
+        accumulate_timings(workdir, timings)
+        raise
     timings["total"] = results_lib.elapsed(start)
+    timings = accumulate_timings(workdir, timings)
     results = assemble(
         config, workdir, runs, sub_results, info, arms, extras, comparisons, headroom, synthetic,
         quality, anomaly, timings, generator_source,
@@ -394,6 +416,6 @@ def assemble(
         "software": results_lib.software_versions(),
         "device": results_lib.device_description(),
     }
-    results = json.loads(json.dumps(results, default=results_lib._json_default))
+    results = json.loads(fileio.dumps(results))
     results["warnings"] = report_lib.warnings_list(results)
     return results
