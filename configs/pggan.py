@@ -102,8 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "pneumonia_mnist_scarce":
         # The experiment demo's PGGAN (configs/experiment.py:demo), trained on its scarce split
         # (1 % of the normals: 12 of 1214, scarcity seed 0) with class-balanced batches, 3072
-        # images per phase and an EMA of 0.999 with warm-up. Its exported generator ships in the package
-        # (cxrjax/resources/generators/); this preset is the command that retrains it.
+        # images per phase and an EMA of 0.999 with warm-up. Its exported generator ships in
+        # the package (cxrjax/resources/generators/); this preset is the command that
+        # retrains it.
         config.data.update(
             source_resolution=32,
             resolution=32,

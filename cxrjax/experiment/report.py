@@ -498,7 +498,7 @@ def save_sample_grid(rows: Sequence[tuple[str, np.ndarray]], path: str, *, per_r
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cell = 0.8  # inches; at 100 dpi an image is 80 px wide
+    cell = 1.0  # inches per image: at 100 dpi each image is drawn >= 70 px wide
     fig, axes = plt.subplots(
         len(rows), per_row, figsize=(cell * per_row + 2.2, cell * len(rows)), squeeze=False
     )
