@@ -299,6 +299,13 @@ class Checkpointer:
             if not already_failed:
                 raise
         finally:
+            # Orbax's close() does not wait for the temporary-folder cleanup it starts in the
+            # background at construction; a process exiting right after (a "no checkpoint"
+            # error) then printed that thread's shutdown traceback.
+            cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+            if cleanup is not None:
+                with contextlib.suppress(Exception):
+                    cleanup()
             try:
                 self._manager.close()
             except Exception:  # noqa: BLE001 - the failure was reported by wait()
