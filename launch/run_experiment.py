@@ -73,6 +73,7 @@ def main(argv):
             },
             "warnings": len(results.get("warnings", [])),
         },
+        validate=lambda: experiment.validate(CONFIG.value, WORKDIR.value),
     )
 
 
