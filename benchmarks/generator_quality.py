@@ -31,9 +31,15 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "DDPM steps between measur
 _PER_CLASS = flags.DEFINE_integer("per_class", 128, "synthetic images per class per measure")
 _ETA = flags.DEFINE_bool("eta_compare", False, "final DDPM: DDIM eta 0 vs 1")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "override the preset's DDPM steps (0 = keep)")
+_RUN = flags.DEFINE_string(
+    "run", "", "measure a finished run's saved checkpoints instead of training (its workdir)"
+)
+_CHECKPOINTS = flags.DEFINE_string(
+    "checkpoints", "", "with --run: a folder of that run's checkpoint steps copied as it trained"
+)
 
 
-def training_seconds(path: str) -> float:
+def training_seconds(path: str, until: int | None = None) -> float:
     """Seconds of training steps so far: the sum over logged windows of steps / (steps/s), so
     process restarts between measurements (data loading, compiles) are not counted."""
     seconds, last = 0.0, 0
@@ -45,12 +51,36 @@ def training_seconds(path: str) -> float:
             except json.JSONDecodeError:
                 continue
             rate = row.get("perf/steps_per_s")
-            if row["step"] in seen or not rate:
+            if row["step"] in seen or not rate or (until is not None and row["step"] > until):
                 continue
             seen.add(row["step"])
             seconds += (row["step"] - last) / rate
             last = row["step"]
     return round(seconds, 1)
+
+
+def measure_saved(kind, judge, real, names, scarce) -> list[dict]:
+    """The quality of every saved checkpoint step of a finished run (`--run`, `--checkpoints`):
+    each step is restored from a scratch workdir holding the run's config and that step."""
+    import shutil
+    import tempfile
+
+    run = os.path.abspath(_RUN.value)
+    folder = _CHECKPOINTS.value or os.path.join(run, "checkpoints")
+    curve = []
+    for step in sorted(int(name) for name in os.listdir(folder) if name.isdigit()):
+        scratch = tempfile.mkdtemp(prefix="gq_")
+        shutil.copy(os.path.join(run, "config.json"), scratch)
+        shutil.copytree(
+            os.path.join(folder, str(step)), os.path.join(scratch, "checkpoints", str(step))
+        )
+        seconds = training_seconds(os.path.join(run, "metrics.jsonl"), until=step)
+        point = _measure(kind, scratch, judge, real, names, scarce, _PER_CLASS.value)
+        point.update(step=step, train_seconds=seconds)
+        curve.append(point)
+        logging.info("[generator_quality] %s", json.dumps(point))
+        shutil.rmtree(scratch, ignore_errors=True)
+    return curve
 
 
 def _judge(config, workdir, info):
@@ -132,6 +162,9 @@ def main(argv):
         stops = [gan_run.phase_end_step(p, int(sub.train.global_batch_size)) for p in phases]
         stops = stops[len(stops) // 2 :]  # the low resolutions say little about the end result
     curve = []
+    if _RUN.value:
+        curve = measure_saved(kind, judge, real, names, scarce)
+        stops = []
     for stop in stops:
         driver.train_and_evaluate(sub, generator_dir, stop_at=stop)
         seconds = training_seconds(os.path.join(generator_dir, "metrics.jsonl"))

@@ -223,7 +223,13 @@ def run(config, workdir: str) -> dict[str, Any]:
                 done = os.path.exists(os.path.join(sub_workdir, "results.json"))
                 stages.log(stage, "%s %s (%s) -> %s", "skip (finished)" if done else "run", name,
                            kind, sub_workdir)  # fmt: skip
+                shipped = None
                 if kind in design.GENERATORS and config.generators == "shipped" and name == kind:
+                    shipped, reasons = stages.shipped_generator(kind, sub)
+                    if shipped is None:
+                        stages.log(stage, "no shipped %s for this config (%s): training it",
+                                   kind, reasons[0])  # fmt: skip
+                if shipped is not None:
                     result = stages.install_shipped(kind, sub, sub_workdir)
                     generator_source[name] = result["source"]
                 else:
