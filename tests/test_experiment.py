@@ -406,3 +406,72 @@ def test_report_text_follows_the_config(smoke_run):
     assert "90 % CI" in text(_edited(base, level)) and "95 % CI" not in text(_edited(base, level))
     assert "the last checkpoint" in text(_edited(base, last))
     assert "densenet121 (6,955,906 parameters)" in text(_edited(base, model))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_fault_matrix_edit_after_interruption_is_refused_naming_the_field(
+    smoke_run, shipped_data_dir, tmp_path, stage
+):
+    """Interrupted in stage k (its and later sub-runs' outputs gone), then re-run with an edited
+    field: refused before any work, the field named, nothing written."""
+    from cxrjax.experiment import design
+    from cxrjax.train import workdir as workdir_lib
+
+    source = smoke_run["workdir"]
+    workdir = tmp_path / "smoke"
+    shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("results.json", "report.md"))
+    config = experiment_configs.get_config("smoke")
+    config.data.data_dir = shipped_data_dir
+    for name, (_, sub_workdir, _) in experiment.plan(config, str(source)).items():
+        if design.stage_of(name) >= stage:
+            shutil.rmtree(workdir / os.path.relpath(sub_workdir, source), ignore_errors=True)
+    before = sorted(str(p) for p in workdir.rglob("*"))
+    config.classifier.optim.lr = 0.5
+    with pytest.raises(workdir_lib.WorkdirConfigError, match="classifier.optim.lr"):
+        experiment.run(config, str(workdir))
+    assert sorted(str(p) for p in workdir.rglob("*")) == before
+
+
+# What an interruption in each stage leaves unfinished (stage 3: the SIGTERM test above).
+UNFINISHED = {
+    1: ("arms/real_full/seed1",),
+    2: ("synthetic", "quality", "cas"),
+    4: ("anomaly",),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(UNFINISHED))
+def test_fault_matrix_interrupted_run_finishes_like_an_uninterrupted_one(
+    smoke_run, shipped_data_dir, tmp_path, stage
+):
+    source = smoke_run["workdir"]
+    workdir = tmp_path / "smoke"
+    shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("results.json", "report.md"))
+    for path in UNFINISHED[stage]:
+        shutil.rmtree(workdir / path)
+    for path in ("arms/real_scarce/seed0", "judge", "pggan"):
+        assert (workdir / path / "results.json").exists()  # kept: finished before the stop
+    done = subprocess.run(
+        _command(workdir, shipped_data_dir), cwd=REPO, env=_env(), capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    results = json.loads((workdir / "results.json").read_text())
+    expected = smoke_run["results"]
+    assert experiment.check_results(results) == []
+    for arm in experiment.ARMS:
+        for got, want in zip(
+            results["arms"][arm]["per_seed"], expected["arms"][arm]["per_seed"], strict=True
+        ):
+            assert _flat(got["test"]) == pytest.approx(_flat(want["test"]), rel=1e-6)
+    for method in ("fanogan", "ddpm"):
+        got, want = results["anomaly"][method]["test"], expected["anomaly"][method]["test"]
+        assert _flat(got) == pytest.approx(_flat(want), rel=1e-6)
+    for kind in ("pggan", "ddpm"):
+        got, want = results["quality"][kind], expected["quality"][kind]
+        assert got["class_fidelity"] == want["class_fidelity"]
+        assert got["distance_matrix"]["fd"] == pytest.approx(want["distance_matrix"]["fd"])
+    for got, want in zip(
+        results["evaluation"]["comparisons"], expected["evaluation"]["comparisons"], strict=True
+    ):
+        assert got["p_holm"] == pytest.approx(want["p_holm"], rel=1e-6)
