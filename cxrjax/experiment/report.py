@@ -235,8 +235,13 @@ def setup_table(results: Mapping[str, Any]) -> str:
         )
     rows.append(
         {
-            "what": "wall time (all invocations)",
-            "value": ", ".join(f"{k} {_duration(v)}" for k, v in results["wall_time_s"].items()),
+            "what": "wall time",
+            "value": ", ".join(
+                f"{k} {_duration(v)}"
+                for k, v in results["wall_time_s"].items()
+                if k != "invocations"
+            )
+            + f" (summed over {results['wall_time_s'].get('invocations', 1)} invocation(s))",
         }
     )
     return report.markdown_table(rows, ["what", "value"])

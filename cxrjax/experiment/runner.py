@@ -292,7 +292,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                 evaluation.anomaly_results(config, workdir, runs) if config.anomaly.enabled else {}
             )
             timings[design.STAGES[3]] = results_lib.elapsed(t0)
-    except Preempted:
+    except BaseException:
+        # Preempted, or any failure: the time this invocation spent is kept (timings.json) and
+        # added to the invocation that finishes the run.
         current = next((s for s in design.STAGES if s not in timings), None)
         if current is not None:
             timings[current] = results_lib.elapsed(t0)

@@ -155,7 +155,9 @@ def check_generator(config):
                 f"t* = {t} must be < the DDPM run's T = {num_timesteps}",
             )
     checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+    exported = os.path.exists(os.path.join(workdir, "generator.npz"))  # launch.export_generator
+    has_step = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    if not exported and not has_step:
         raise config_lib.ConfigError(
             f"config.generator_workdir: {workdir} has no checkpoint yet ({hint})"
         )
