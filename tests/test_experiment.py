@@ -487,3 +487,20 @@ def test_fault_matrix_interrupted_run_finishes_like_an_uninterrupted_one(
         results["evaluation"]["comparisons"], expected["evaluation"]["comparisons"], strict=True
     ):
         assert got["p_holm"] == pytest.approx(want["p_holm"], rel=1e-6)
+
+
+@pytest.mark.parametrize("alias", ["val", "valid", "validation"])
+def test_every_validation_alias_passes_the_split_checks(smoke_run, alias):
+    """The drivers record "val"; a config naming the split by any accepted alias must agree."""
+    import copy
+
+    results = copy.deepcopy(smoke_run["results"])
+    results["split_use"]["val_split"] = alias
+    results["config"]["data"]["val_split"] = alias
+    assert experiment.check_results(results) == []
+    results["split_use"]["threshold"]["anomaly/ddpm"] = "test"
+    assert any("not validation" in p for p in experiment.check_results(results))
+    config = experiment_configs.get_config("smoke")
+    config.data.update(val_split=alias, test_split="validation" if alias != "validation" else "val")
+    with pytest.raises(config_lib.ConfigError, match="data.val_split"):
+        experiment.validate(config)

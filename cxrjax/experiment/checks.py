@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cxrjax.data import builders
 from cxrjax.experiment import design
 
 SCHEMA: dict[str, Any] = {
@@ -132,18 +133,18 @@ def check_results(results: Mapping[str, Any]) -> list[str]:
     if len(set(priors.values())) > 1 and not shortfall:
         problems.append(f"the control and synthetic arms differ in class prior: {priors}")
     use = results["split_use"]
-    test, val = use["test_split"], use["val_split"]
+    canon = builders.canonical_split  # "val" / "valid" / "validation" are one split
+    test, val = canon(use["test_split"]), canon(use["val_split"])
     for name, splits in use["training"].items():
-        if test in splits:
+        if test in map(canon, splits):
             problems.append(f"{name} trained on the test split {test!r}")
-        if name == "judge" or name.startswith("cas/"):
-            if val in splits:
-                problems.append(f"{name} trained on the validation split {val!r}")
+        if (name == "judge" or name.startswith("cas/")) and val in map(canon, splits):
+            problems.append(f"{name} trained on the validation split {val!r}")
     for kind in ("threshold", "checkpoint_selection"):
         for name, split in use[kind].items():
-            if split not in (val, None) or (kind == "threshold" and split is None):
+            if (split is not None and canon(split) != val) or (kind == "threshold" and not split):
                 problems.append(f"{name}: {kind} from split {split!r}, not validation {val!r}")
-    if use["quality_real"] == test:
+    if canon(use["quality_real"]) == test:
         problems.append("synthetic quality measured against the test split")
     for c in results["evaluation"]["comparisons"]:
         problems += _schema_problems(c, COMPARISON_SCHEMA, f"comparison {c.get('arm')}")

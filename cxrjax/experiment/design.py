@@ -326,9 +326,14 @@ def validate(config, workdir: str | None = None) -> None:
     check(not unknown, "arms", f"unknown arms {unknown}; choose from {ARMS}")
     check(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "must be an int >= 1")
     data = config.data
-    check(data.train_split != data.test_split, "data.train_split", "must differ from test_split")
-    check(data.val_split != data.test_split, "data.val_split", "must differ from test_split")
-    check(data.val_split != data.train_split, "data.val_split", "must differ from train_split")
+    from cxrjax.data import builders
+
+    train, val, test = (
+        builders.canonical_split(data[f"{r}_split"]) for r in ("train", "val", "test")
+    )
+    check(train != test, "data.train_split", "must differ from test_split")
+    check(val != test, "data.val_split", "must differ from test_split")
+    check(val != train, "data.val_split", "must differ from train_split")
     check(bool(config.scarcity.class_name), "scarcity.class_name", "must name a class")
     check(
         0.0 < config.scarcity.fraction <= 1.0,
@@ -345,7 +350,7 @@ def validate(config, workdir: str | None = None) -> None:
     check(0.0 < config.filter.keep <= 1.0, "filter.keep", "must be in (0, 1]")
     check(config.filter.max_attempts_factor >= 1, "filter.max_attempts_factor", "must be >= 1")
     check(
-        config.quality.real_split != data.test_split,
+        builders.canonical_split(config.quality.real_split) != test,
         "quality.real_split",
         "must not be the test split (the test split only gives the final numbers)",
     )
@@ -396,4 +401,8 @@ def validate(config, workdir: str | None = None) -> None:
         except config_lib.ConfigError as error:
             raise config_lib.ConfigError(f"{name}: {error}") from None
         for split in training_splits(kind, sub):
-            check(split != data.test_split, "data", f"{name} would train on the test split")
+            check(
+                builders.canonical_split(split) != test,
+                "data",
+                f"{name} would train on the test split",
+            )

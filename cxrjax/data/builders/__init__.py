@@ -49,6 +49,12 @@ BUILDERS: dict[str, type[common.Builder]] = {
 # Accepted split names; TFDS stores "validation".
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 
+
+def canonical_split(split: str) -> str:
+    """The split a name stands for: "val" and "valid" are "validation"."""
+    return _SPLIT_ALIASES.get(split, split)
+
+
 __all__ = [
     "BUILDERS",
     "DatasetError",
