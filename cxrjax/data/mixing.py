@@ -447,6 +447,22 @@ def oversample(
     return Part(part.source, name=name, indices=np.sort(stream[:extra]))
 
 
+def oversample_config(part, labels, data, class_names, *, seed: int):
+    """(repeats Part or None, description) for a data config's `oversample` block: the kept
+    records of data.keep_class repeated until that class holds round(balance x its full
+    count) records (balance > 0) or its kept count + count (count > 0)."""
+    over = data.get("oversample")
+    if over is None or not (over.balance > 0 or over.count > 0):
+        return None, None
+    name = data.keep_class
+    config_lib.check(bool(name), "data.oversample", "needs data.keep_class (what to repeat)")
+    members = class_indices(labels, name, class_names)
+    kept = len(np.intersect1d(part.selected(), members))
+    target = round_half_up(over.balance * len(members)) if over.balance > 0 else kept + over.count
+    repeats = oversample(part, labels, name, class_names, target - kept, seed=seed)
+    return repeats, {"class": name, "kept": kept, "target": target}
+
+
 def balanced_epoch(
     labels: np.ndarray, num_classes: int, per_class: int, *, seed: int, epoch: int
 ) -> np.ndarray:

@@ -257,23 +257,12 @@ def training_source(config, splits, spec) -> tuple[Any, np.ndarray, dict[str, An
     suffix = mixing.subset_signature(data)
     description: dict[str, Any] = {"real_split": data.train_split, "synthetic": None}
     real_parts = [real_part]
-    over = data.get("oversample")
-    if over is not None and (over.balance > 0 or over.count > 0):
-        name = data.keep_class
-        config_lib.check(bool(name), "data.oversample", "needs data.keep_class (what to repeat)")
-        kept = len(np.intersect1d(real_part.selected(), mixing.class_indices(
-            full_labels, name, spec.class_names)))  # fmt: skip
-        full = len(mixing.class_indices(full_labels, name, spec.class_names))
-        target = (
-            mixing.round_half_up(over.balance * full) if over.balance > 0 else kept + over.count
-        )
-        real_parts.append(
-            mixing.oversample(
-                real_part, full_labels, name, spec.class_names, target - kept, seed=config.seed
-            )
-        )
-        suffix += f"+oversample={name}:{target}"
-        description["oversampled"] = {"class": name, "kept": kept, "target": target}
+    repeats, description["oversampled"] = mixing.oversample_config(
+        real_part, full_labels, data, spec.class_names, seed=int(config.seed)
+    )
+    if repeats is not None:
+        real_parts.append(repeats)
+        suffix += f"+oversample={data.keep_class}:{description['oversampled']['target']}"
     if not _synthetic_active(data):
         source = mixing.MixedSource(real_parts)
         labels = source.select_labels([full_labels] * len(real_parts))
@@ -299,6 +288,12 @@ def training_source(config, splits, spec) -> tuple[Any, np.ndarray, dict[str, An
     description["parts"] = mixing.part_composition(source, labels, spec.class_names)
     description["records"] = int(len(source))
     return source, labels, description, suffix
+
+
+def training_splits(data, synthetic: bool) -> list[str]:
+    """The splits a run trains on: the real train split (unless synthetic-only) and "synthetic"."""
+    real = [] if data.get("synthetic", {}).get("only") else [data.train_split]
+    return real + (["synthetic"] if synthetic else [])
 
 
 def headline_auc(result: Mapping[str, Any]) -> float:
@@ -476,8 +471,7 @@ def train_and_evaluate(
                 "training_data": training_data,
                 # Which split each decision read: test only gives the final numbers.
                 "splits_used": {
-                    "training": [config.data.train_split]
-                    + (["synthetic"] if training_data["synthetic"] else []),
+                    "training": training_splits(config.data, bool(training_data["synthetic"])),
                     "checkpoint_selection": config.data.val_split
                     if config.train.select == "best" and config.train.eval_every
                     else None,

@@ -143,3 +143,26 @@ def test_relabelled_and_part_composition():
         {"name": "synthetic", "synthetic": True, "records": 2,
          "per_class": {"normal": 0, "pneumonia": 2}},
     ]  # fmt: skip
+
+
+def test_oversample_repeats_the_kept_scarce_records_evenly_up_to_the_target():
+    import ml_collections
+
+    labels = np.array([0] * 100 + [1] * 50)
+    part = mixing.Part(list(range(150)), indices=np.array([3, 7, 11, *range(100, 150)]))
+    data = ml_collections.ConfigDict(
+        dict(keep_class="normal", oversample=dict(balance=0.5, count=0))
+    )
+    repeats, info = mixing.oversample_config(part, labels, data, ("normal", "pneumonia"), seed=0)
+    assert info == {"class": "normal", "kept": 3, "target": 50}
+    counts = np.bincount(repeats.selected(), minlength=150)
+    assert counts.sum() == 47 and set(np.flatnonzero(counts)) == {3, 7, 11}
+    assert counts[[3, 7, 11]].max() - counts[[3, 7, 11]].min() <= 1  # as even as possible
+    data.oversample.update(balance=0.0, count=5)
+    repeats, info = mixing.oversample_config(part, labels, data, ("normal", "pneumonia"), seed=0)
+    assert info["target"] == 8 and len(repeats) == 5
+    data.oversample.count = 0
+    assert mixing.oversample_config(part, labels, data, ("normal", "pneumonia"), seed=0) == (
+        None,
+        None,
+    )
