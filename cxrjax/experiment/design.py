@@ -171,7 +171,7 @@ def classifier_config(config, arm: str, seed: int, workdir: str) -> ml_collectio
     if kind:
         sub.data.synthetic.update(
             manual_dir=synthetic_dir(workdir, arm),
-            folder_name=f"experiment_{arm}",
+            folder_name="",  # named from the folder path: a moved workdir prepares anew
             data_dir=os.path.join(workdir, "datasets"),
             count=0,  # every synthesized image
             fraction=0.0,
@@ -198,7 +198,7 @@ def cas_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
     sub.data.update(keep_class="", keep_fraction=1.0, keep_seed=0)
     sub.data.synthetic.update(
         manual_dir=synthetic_dir(workdir, f"{name}_cas"),
-        folder_name=f"experiment_{name}_cas",
+        folder_name="",
         data_dir=os.path.join(workdir, "datasets"),
         count=0,
         fraction=0.0,
