@@ -44,6 +44,18 @@ def _command(workdir, data_dir):
     ]  # fmt: skip
 
 
+def _top_level(*names):
+    """A copytree `ignore` that leaves out `names` in the copied folder's top level only."""
+    top = []
+
+    def ignore(directory, entries):
+        if not top:
+            top.append(directory)
+        return set(names) & set(entries) if directory == top[0] else set()
+
+    return ignore
+
+
 def _flat(metrics):
     """{key: number} with CI lists spread out (key[0], key[1]); strings dropped."""
     out = {}
@@ -122,7 +134,7 @@ def test_smoke_results_follow_the_schema_and_invariants(smoke_run):
     for figure in results["figures"].values():
         assert (workdir / figure).is_file() and f"({figure})" in report
     assert {"roc_arms", "samples"} <= set(results["figures"])
-    assert set(results["wall_time_s"]) == {*experiment.STAGES, "total"}
+    assert set(results["wall_time_s"]) == {*experiment.STAGES, "total", "invocations"}
     assert "verdicts" in smoke_run["stdout"]
 
 
@@ -431,7 +443,7 @@ def test_fault_matrix_edit_after_interruption_is_refused_naming_the_field(
 
     source = smoke_run["workdir"]
     workdir = tmp_path / "smoke"
-    shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("results.json", "report.md"))
+    shutil.copytree(source, workdir, ignore=_top_level("results.json", "report.md", "figures"))
     config = experiment_configs.get_config("smoke")
     config.data.data_dir = shipped_data_dir
     for name, (_, sub_workdir, _) in experiment.plan(config, str(source)).items():
@@ -458,7 +470,7 @@ def test_fault_matrix_interrupted_run_finishes_like_an_uninterrupted_one(
 ):
     source = smoke_run["workdir"]
     workdir = tmp_path / "smoke"
-    shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("results.json", "report.md"))
+    shutil.copytree(source, workdir, ignore=_top_level("results.json", "report.md", "figures"))
     for path in UNFINISHED[stage]:
         shutil.rmtree(workdir / path)
     for path in ("arms/real_scarce/seed0", "judge", "pggan"):

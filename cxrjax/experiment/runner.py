@@ -47,6 +47,17 @@ HARMLESS = (
 )
 
 
+# Sub-run fields that hold paths inside the experiment's workdir: a copied or moved experiment
+# changes them without changing what any sub-run computes.
+SUBRUN_HARMLESS = (
+    *workdir_lib.HARMLESS,
+    "data.synthetic.manual_dir",
+    "data.synthetic.data_dir",
+    "generator_workdir",
+    "eval.features",
+)
+
+
 class Preempted(Exception):
     """A signal stopped the experiment at a safe point; re-running the command resumes."""
 
@@ -137,7 +148,7 @@ def check_workdirs(config, workdir: str, runs) -> None:
     for name, (kind, sub_workdir, sub) in runs.items():
         if not os.path.exists(os.path.join(sub_workdir, workdir_lib.CONFIG_FILE)):
             continue
-        harmless = workdir_lib.HARMLESS
+        harmless = SUBRUN_HARMLESS
         if kind in design.GENERATORS and os.path.exists(os.path.join(sub_workdir, "generator.npz")):
             harmless = (*harmless, *stages.SHIPPED_HARMLESS)
         try:
@@ -233,7 +244,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                     result = stages.install_shipped(kind, sub, sub_workdir)
                     generator_source[name] = result["source"]
                 else:
-                    result = design.driver(kind).train_and_evaluate(sub, sub_workdir)
+                    result = design.driver(kind).train_and_evaluate(
+                        sub, sub_workdir, harmless=SUBRUN_HARMLESS
+                    )
                     generator_source.setdefault(name, "trained in this run")
                 sub_results[name] = _finished(result, name, stop)
                 return result
