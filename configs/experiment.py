@@ -50,17 +50,7 @@ import os
 
 import ml_collections
 
-ARMS = (
-    "real_scarce",
-    "oversampled",
-    "balanced_loss",
-    "augmented",
-    "pggan",
-    "ddpm",
-    "pggan_filtered",
-    "ddpm_filtered",
-    "real_full",
-)
+from cxrjax.experiment.design import ARMS  # noqa: E402  (the one list of arms)
 
 
 def _family(name: str):

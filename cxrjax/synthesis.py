@@ -378,17 +378,9 @@ def synthesize(
             )
             counts[name] += 1
     provenance = {
-        "generator": kind,
-        "workdir": info["workdir"],
-        "checkpoint_step": info["checkpoint_step"],
-        "seed": int(seed),
-        "sampler": info["sampler"],
-        "steps": info["steps"],
-        "guidance": info["guidance"],
-        "class_names": class_names,
+        **_provenance(kind, info, seed),
         "counts": counts,
         "num_images": int(num_images),
-        "resolution": info["resolution"],
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if previous is not None:
@@ -402,6 +394,21 @@ def synthesize(
     if parallel.is_main_process():
         fileio.write_json(os.path.join(output, PROVENANCE), provenance)
     return provenance
+
+
+def _provenance(kind: str, info: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What every synthetic set records about its generator and sampler."""
+    return {
+        "generator": kind,
+        "workdir": info["workdir"],
+        "checkpoint_step": info["checkpoint_step"],
+        "seed": int(seed),
+        "sampler": info["sampler"],
+        "steps": info["steps"],
+        "guidance": info["guidance"],
+        "class_names": info["class_names"],
+        "resolution": info["resolution"],
+    }
 
 
 def _read_provenance(output: str) -> dict[str, Any] | None:
@@ -491,18 +498,10 @@ def synthesize_filtered(
                 fileio.write_bytes(os.path.join(output, name), imageio.encode_png(image))
             kept += 1
     provenance = {
-        "generator": kind,
-        "workdir": info["workdir"],
-        "checkpoint_step": info["checkpoint_step"],
-        "seed": int(seed),
-        "sampler": info["sampler"],
-        "steps": info["steps"],
-        "guidance": info["guidance"],
-        "class_names": class_names,
+        **_provenance(kind, info, seed),
         "counts": {name: (kept if name == folder else 0) for name in class_names},
         "num_images": int(kept),
         "requested": int(num_images),
-        "resolution": info["resolution"],
         "filter": {
             "intended": intended,
             "threshold": thresholds.get(intended),
