@@ -208,6 +208,7 @@ def make_train_step(
     gp_weight: float = 10.0,
     drift_weight: float = 1e-3,
     cls_weight: float = 1.0,
+    fake_cls_weight: float | None = None,
     ema_decay: float = 0.999,
     reset_opt: str = "phase",
 ):
@@ -217,7 +218,11 @@ def make_train_step(
     here), `batch["label"]`: ints [B] (used when conditional). Alpha comes from
     `state.images_seen`; a NaN/Inf loss or gradient leaves G, D, EMA and optimizer states
     unchanged (counted in `nonfinite_steps`) while the counters advance.
+    `fake_cls_weight` (None: `cls_weight`, the official AC-GAN) weights D's class loss on fakes;
+    0 trains D's class head on real images only, so G cannot agree with D on a private code
+    for the label and must make images a real-trained classifier assigns to their class.
     """
+    fake_cls_weight = cls_weight if fake_cls_weight is None else fake_cls_weight
     if reset_opt not in RESET_CHOICES:
         raise ValueError(f"reset_opt must be one of {RESET_CHOICES}, got {reset_opt!r}")
     g_tx, d_tx = txs
@@ -275,7 +280,7 @@ def make_train_step(
                 gp_weight=gp_weight,
                 drift_weight=drift_weight,
                 real_cls_weight=cls_weight,
-                fake_cls_weight=cls_weight,
+                fake_cls_weight=fake_cls_weight,
             )
 
         (d_loss, d_metrics), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)

@@ -135,6 +135,7 @@ def step_factory(config, generator, discriminator, txs):
         gp_weight=config.loss.gp_weight,
         drift_weight=config.loss.drift_weight,
         cls_weight=config.loss.cls_weight,
+        fake_cls_weight=0.0 if config.loss.get("cls_reals_only", False) else None,
         ema_decay=config.optim.ema_decay,
         reset_opt=config.optim.reset_opt,
     )
