@@ -31,6 +31,10 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "DDPM steps between measur
 _PER_CLASS = flags.DEFINE_integer("per_class", 128, "synthetic images per class per measure")
 _ETA = flags.DEFINE_bool("eta_compare", False, "final DDPM: DDIM eta 0 vs 1")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "override the preset's DDPM steps (0 = keep)")
+_OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "FIELD=VALUE for the generator's sub-config, e.g. diffusion.prediction=v"
+)
+_ETA_STEPS = flags.DEFINE_list("eta_steps", ["20"], "DDIM step counts for --eta_compare")
 _RUN = flags.DEFINE_string(
     "run", "", "measure a finished run's saved checkpoints instead of training (its workdir)"
 )
@@ -151,6 +155,13 @@ def main(argv):
     sub = experiment.generator_config(config, kind)
     if kind == "ddpm" and _STEPS.value:
         sub.train.num_steps = _STEPS.value
+    for item in _OVERRIDE.value:
+        field, _, text = item.partition("=")
+        parent, _, leaf = field.rpartition(".")
+        node = sub
+        for part in parent.split(".") if parent else []:
+            node = node[part]
+        node[leaf] = type(node[leaf])(text) if not isinstance(node[leaf], bool) else text == "True"
     generator_dir = os.path.join(workdir, kind)
     driver = diffusion_run if kind == "ddpm" else gan_run
     if kind == "ddpm":
@@ -178,6 +189,7 @@ def main(argv):
     out = {
         "preset": _PRESET.value,
         "kind": kind,
+        "overrides": list(_OVERRIDE.value),
         "judge_real_val_fidelity": real_fidelity,
         "curve": curve,
     }
@@ -188,7 +200,7 @@ def main(argv):
                 steps=steps, eta=eta,
             )}
             for eta in (0.0, 1.0)
-            for steps in (20, 100)
+            for steps in (int(n) for n in _ETA_STEPS.value)
         ]  # fmt: skip
     fileio.write_json(os.path.join(workdir, f"generator_quality_{kind}.json"), out)
     print(f"| step | train s | fidelity {scarce} | fidelity other | FD {scarce} (judge) |")

@@ -59,8 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
         dict(name="demo32", conditional=True, mbstd_group_size=4, dtype="float32")
     )
     # cls_reals_only: D's class head learns from real images only (official AC-GAN: also fakes).
+    # diffaugment: DiffAugment ops on every image D sees ("translation,cutout"; "" = off).
     config.loss = ml_collections.ConfigDict(
-        dict(gp_weight=10.0, drift_weight=1e-3, cls_weight=1.0, cls_reals_only=False)
+        dict(
+            gp_weight=10.0, drift_weight=1e-3, cls_weight=1.0, cls_reals_only=False, diffaugment=""
+        )
     )
     config.optim = ml_collections.ConfigDict(
         dict(lr=1e-3, b1=0.0, b2=0.99, eps=1e-8, ema_decay=0.999, reset_opt="phase")

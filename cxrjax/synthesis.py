@@ -19,7 +19,7 @@ import datetime
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -457,6 +457,8 @@ def synthesize_filtered(
     steps: int = 50,
     guidance: float | None = None,
     eta: float | None = None,
+    pool: np.ndarray | None = None,
+    pool_source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Like `synthesize`, keeping only images a judge accepts as class `intended`.
 
@@ -465,6 +467,11 @@ def synthesize_filtered(
     (`cxrjax.metrics.utility.accept`). Samples in batches until `num_images` are kept or
     `max_attempts` images were drawn; provenance.json records attempts, acceptance rate, the
     thresholds and whether the cap stopped it short (`shortfall` > 0).
+
+    `pool`: uint8 images [N, H, W] this generator already drew for class `intended` (e.g. the
+    unfiltered set), judged first and counted as attempts, so that filtering costs only the
+    extra draws that replace rejected images; `pool_source` (e.g. that set's folder and seed)
+    is recorded in provenance.json.
     """
     from cxrjax.metrics import utility
 
@@ -480,14 +487,13 @@ def synthesize_filtered(
     judge_label = judge_class_names.index(intended)
     labels = np.full((batch_size,), label, np.int32)
     base = jax.random.PRNGKey(int(seed))
-    kept, attempts, batch_index = 0, 0, 0
     folder = class_names[label]
-    while kept < num_images and attempts < max_attempts:
-        images = sample_fn(jax.random.fold_in(base, batch_index), labels)
-        batch_index += 1
-        take = min(batch_size, max_attempts - attempts)
-        images = images[:take]
-        attempts += take
+    kept, attempts, batch_index = 0, 0, 0
+
+    def judge_and_keep(images: np.ndarray) -> None:
+        nonlocal kept, attempts
+        images = images[: max_attempts - attempts]
+        attempts += len(images)
         probs = np.asarray(judge(images))
         mask = utility.accept(
             probs, np.full(len(images), judge_label), thresholds, judge_class_names
@@ -497,6 +503,15 @@ def synthesize_filtered(
                 name = f"{folder}/{kind}_s{int(seed)}_f{kept:06d}.png"
                 fileio.write_bytes(os.path.join(output, name), imageio.encode_png(image))
             kept += 1
+
+    pooled = 0 if pool is None else len(pool)
+    for start in range(0, pooled, batch_size):
+        if kept >= num_images or attempts >= max_attempts:
+            break
+        judge_and_keep(np.asarray(pool[start : start + batch_size]))
+    while kept < num_images and attempts < max_attempts:
+        judge_and_keep(sample_fn(jax.random.fold_in(base, batch_index), labels))
+        batch_index += 1
     provenance = {
         **_provenance(kind, info, seed),
         "counts": {name: (kept if name == folder else 0) for name in class_names},
@@ -511,6 +526,7 @@ def synthesize_filtered(
             "acceptance_rate": kept / attempts if attempts else None,
             "max_attempts": int(max_attempts),
             "shortfall": int(num_images - kept),
+            "pool": {"images": int(pooled), **dict(pool_source or {})},
         },
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

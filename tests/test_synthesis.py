@@ -149,3 +149,20 @@ def test_exported_generator_samples_like_its_run_and_filters(
     for path in (tmp_path / "filtered" / folder).glob("*.png"):
         image = imageio.decode_gray(path.read_bytes(), str(path))
         assert judge(image[None])[0, 0] >= 0.5  # every kept image passed the judge
+
+    # A pool (images already drawn, e.g. the unfiltered set) is judged first: its accepted
+    # images are kept in order and count as attempts; only the rest is drawn anew.
+    size = original(key, labels).shape[1]
+    bright, dark = np.full((size, size), 255, np.uint8), np.zeros((size, size), np.uint8)
+    pool = np.stack([bright, dark, bright])
+    pooled = synthesis.synthesize_filtered(
+        kind, exported, num_images=3, output=str(tmp_path / "pooled"), intended="normal",
+        judge=judge, judge_class_names=names, thresholds={"normal": 0.5}, max_attempts=40,
+        seed=1, batch_size=4, steps=2, pool=pool, pool_source={"seed": 7},
+    )  # fmt: skip
+    pf = pooled["filter"]
+    assert pf["pool"] == {"images": 3, "seed": 7}
+    assert pf["attempts"] >= 3 + 1 and pf["accepted"] + pf["shortfall"] == 3
+    kept = sorted((tmp_path / "pooled" / folder).glob("*.png"))
+    first = [imageio.decode_gray(p.read_bytes(), str(p)) for p in kept[:2]]
+    np.testing.assert_array_equal(np.stack(first), np.stack([bright, bright]))

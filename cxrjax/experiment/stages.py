@@ -6,6 +6,7 @@ an interrupted one is started again, and quality reports are read back when pres
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -326,13 +327,39 @@ def synthesize_set(kind, generator_dir, folder, *, num_images, label, seed, conf
     return provenance
 
 
-def synthesize_filtered_set(kind, generator_dir, folder, *, num_images, judge, thresholds, config):
+def _drawn_images(folder: str, provenance: Mapping[str, Any]) -> np.ndarray:
+    """The images of a synthesized set's single class, in the order they were drawn."""
+    (name,) = [n for n, c in provenance["counts"].items() if c]
+    paths = sorted(glob.glob(os.path.join(folder, name, "*.png")))
+    return np.stack([imageio.decode_gray(_read(p), p) for p in paths])
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def synthesize_filtered_set(
+    kind, generator_dir, folder, *, num_images, judge, thresholds, config, pool_folder=None
+):
+    """The judge-filtered set; `pool_folder` (the unfiltered set of the same generator and
+    class) is judged first, so only the replacements of rejected images are drawn anew."""
     from cxrjax import synthesis
 
     seed = int(config.synthesis.seed) + 100
+    pool = pool_provenance = None
+    if pool_folder is not None:
+        pool_provenance = read_json(os.path.join(pool_folder, "provenance.json"))
+    source = None
+    if pool_provenance is not None:
+        source = {"folder": os.path.basename(pool_folder), "seed": pool_provenance["seed"]}
     done = _provenance_matches(folder, num_images, seed)
-    if done is not None:
+    if done is not None and done["filter"].get("pool", {}).get("seed") == (source or {}).get(
+        "seed"
+    ):
         return done
+    if source is not None:
+        pool = _drawn_images(pool_folder, pool_provenance)
     _fresh(folder)
     provenance = synthesis.synthesize_filtered(
         kind,
@@ -345,6 +372,8 @@ def synthesize_filtered_set(kind, generator_dir, folder, *, num_images, judge, t
         thresholds=thresholds,
         max_attempts=int(config.filter.max_attempts_factor * num_images),
         seed=seed,
+        pool=pool,
+        pool_source=source,
         **_sampler_options(config),
     )
     sync(f"synthesized {folder}")
@@ -463,6 +492,7 @@ def synthesize_all(config, workdir, data, judge, real_probs, stop) -> dict[str, 
                     judge=judge,
                     thresholds=thresholds,
                     config=config,
+                    pool_folder=folder,
                 ),
             }
         if kind in design.cas_names(config) and conditional and multiclass:

@@ -28,6 +28,7 @@ from flax import struct
 
 from cxrjax import parallel
 from cxrjax.models import pggan
+from cxrjax.train import diffaugment as diffaugment_lib
 from cxrjax.train import gan_losses
 from cxrjax.train import state as state_lib
 
@@ -209,6 +210,7 @@ def make_train_step(
     drift_weight: float = 1e-3,
     cls_weight: float = 1.0,
     fake_cls_weight: float | None = None,
+    diffaugment: str = "",
     ema_decay: float = 0.999,
     reset_opt: str = "phase",
 ):
@@ -221,8 +223,11 @@ def make_train_step(
     `fake_cls_weight` (None: `cls_weight`, the official AC-GAN) weights D's class loss on fakes;
     0 trains D's class head on real images only, so G cannot agree with D on a private code
     for the label and must make images a real-trained classifier assigns to their class.
+    `diffaugment` ("translation,cutout", ...; "" = off): DiffAugment ops applied to every image
+    D sees (reals, fakes, penalty interpolates), each call with its own draw.
     """
     fake_cls_weight = cls_weight if fake_cls_weight is None else fake_cls_weight
+    policy = diffaugment_lib.parse(diffaugment)
     if reset_opt not in RESET_CHOICES:
         raise ValueError(f"reset_opt must be one of {RESET_CHOICES}, got {reset_opt!r}")
     g_tx, d_tx = txs
@@ -235,7 +240,7 @@ def make_train_step(
         if resolution > 4:
             reals = pggan.fade_in_reals(reals, alpha)
         batch_size = reals.shape[0]
-        z_d_key, z_g_key, gp_key = jax.random.split(rng, 3)
+        z_d_key, z_g_key, gp_key, aug_key = jax.random.split(rng, 4)
         z_d = jax.random.normal(z_d_key, (batch_size, generator.latent_dim), jnp.float32)
         z_g = jax.random.normal(z_g_key, (batch_size, generator.latent_dim), jnp.float32)
 
@@ -259,8 +264,13 @@ def make_train_step(
                 {"params": g_params}, latents, labels, resolution=resolution, alpha=alpha
             )
 
+        calls = iter(range(1 << 30))  # a fresh augmentation key per D call site (trace order)
+
         def d_apply_with(d_params):
             def d_apply(images, lab):
+                if policy:
+                    key = jax.random.fold_in(aug_key, next(calls))
+                    images = diffaugment_lib.augment(images, key, policy)
                 return discriminator.apply(
                     {"params": d_params}, images, lab, resolution=resolution, alpha=alpha
                 )

@@ -25,7 +25,7 @@ from cxrjax import config as config_lib
 from cxrjax import parallel, report
 from cxrjax.data import builders, mixing, pipeline
 from cxrjax.metrics import writer as writer_lib
-from cxrjax.train import gan, loop
+from cxrjax.train import diffaugment, gan, loop
 from cxrjax.train import results as results_lib
 from cxrjax.train import workdir as workdir_lib
 
@@ -109,6 +109,10 @@ def validate(config) -> None:
     check(0.0 <= config.optim.b1 < 1.0, "optim.b1", "must be in [0, 1)")
     check(0.0 <= config.optim.b2 < 1.0, "optim.b2", "must be in [0, 1)")
     check(config.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0")
+    try:
+        diffaugment.parse(config.loss.get("diffaugment", ""))
+    except ValueError as error:
+        check(False, "loss.diffaugment", str(error))
     mixing.check_subset_options(config.data)
 
 
@@ -136,6 +140,7 @@ def step_factory(config, generator, discriminator, txs):
         drift_weight=config.loss.drift_weight,
         cls_weight=config.loss.cls_weight,
         fake_cls_weight=0.0 if config.loss.get("cls_reals_only", False) else None,
+        diffaugment=config.loss.get("diffaugment", ""),
         ema_decay=config.optim.ema_decay,
         reset_opt=config.optim.reset_opt,
     )
