@@ -116,7 +116,7 @@ def main(argv):
             x = jax.random.normal(rng, (len(labels), *shape))
             keys = jax.random.split(jax.random.fold_in(rng, 1), len(ts))
             path = []
-            for t, tp, key in zip(ts, t_prev, keys):
+            for t, tp, key in zip(ts, t_prev, keys, strict=True):
                 x, x0 = one(x, int(t), int(tp), float(eta_of_t(int(t))), key, labels)
                 if trace:
                     path.append(
@@ -206,8 +206,9 @@ def main(argv):
         print(f"| {r['setting']} | {fid} | {r['fd_scarce_judge']} | {r['image_std']} |")
     print("\n| t | x0 std, eta 0 | clipped, eta 0 | x0 std, eta 1 | clipped, eta 1 |")
     print("| --- | --- | --- | --- | --- |")
-    for a, b in zip(rows[0]["trajectory"], rows[1]["trajectory"]):
-        print(f"| {a['t']} | {a['x0_std']} | {a['x0_clipped']} | {b['x0_std']} | {b['x0_clipped']} |")
+    for a, b in zip(rows[0]["trajectory"], rows[1]["trajectory"], strict=True):
+        cells = [a["t"], a["x0_std"], a["x0_clipped"], b["x0_std"], b["x0_clipped"]]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # cls_reals_only: D's class head learns from real images only (official AC-GAN: also fakes).
     # diffaugment: DiffAugment ops on every image D sees ("translation,cutout"; "" = off).
+    # conditioning: "" = AC-GAN class head (official), "projection" = projection discriminator.
     config.loss = ml_collections.ConfigDict(
         dict(
-            gp_weight=10.0, drift_weight=1e-3, cls_weight=1.0, cls_reals_only=False, diffaugment=""
+            gp_weight=10.0,
+            drift_weight=1e-3,
+            cls_weight=1.0,
+            cls_reals_only=False,
+            diffaugment="",
+            conditioning="",
         )
     )
     config.optim = ml_collections.ConfigDict(

@@ -199,6 +199,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     *((f"*{name}", Rule(BOOL)) for name in ("balanced", "skip_corrupt", "require_pretrained")),
     ("loss.cls_reals_only", Rule(BOOL)),
     ("loss.diffaugment", text()),
+    ("loss.conditioning", choice("", "projection")),
     ("preset", text()),
     ("seed", integer(ge=0)),
     ("*.seed", integer(ge=0)),

@@ -22,7 +22,7 @@ def _shift(image, dy, dx):
 def test_translation_is_a_zero_filled_shift_within_the_ratio():
     images = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32)
     out = np.asarray(diffaugment.translation(jnp.asarray(images), jax.random.PRNGKey(3)))
-    for image, moved in zip(images, out):
+    for image, moved in zip(images, out, strict=True):
         matches = [
             (dy, dx)
             for dy in range(-1, 2)

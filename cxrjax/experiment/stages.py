@@ -194,6 +194,8 @@ def shipped_generator(kind: str, sub) -> tuple[str | None, list[str]]:
             for key in sorted(set(have) | set(wanted))
             if not any(key == h or key.startswith(h + ".") for h in SHIPPED_HARMLESS)
             and have.get(key) != wanted.get(key)
+            # A field added to the configs after the export, left "off", changes nothing.
+            and not (key not in have and wanted.get(key) in (None, "", 0, False, [], {}))
         ]
         if not differ:
             return path, []

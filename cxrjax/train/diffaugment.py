@@ -65,7 +65,7 @@ _OPS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 
 
 def parse(policy: str) -> tuple[str, ...]:
-    """"translation,cutout" -> ("translation", "cutout"); "" -> () (no augmentation)."""
+    """ "translation,cutout" -> ("translation", "cutout"); "" -> () (no augmentation)."""
     names = tuple(p.strip() for p in policy.split(",") if p.strip())
     bad = [n for n in names if n not in POLICIES]
     if bad:
@@ -75,6 +75,8 @@ def parse(policy: str) -> tuple[str, ...]:
 
 def augment(images: jax.Array, key: jax.Array, policy: Sequence[str]) -> jax.Array:
     """Applies each op of `policy` in order, each with its own key."""
-    for name, k in zip(policy, jax.random.split(key, max(len(policy), 1))):
+    for name, k in zip(
+        policy, jax.random.split(key, max(len(policy), 1))[: len(policy)], strict=True
+    ):
         images = _OPS[name](images, k)
     return images

@@ -37,6 +37,7 @@ MODELS = {
     "demo32": (pggan.GeneratorDemo32, pggan.DiscriminatorDemo32),
     "official1024": (pggan.GeneratorOfficial1024, pggan.DiscriminatorOfficial1024),
 }
+CONDITIONING = ("", "projection")  # "": AC-GAN (the official code)
 RESET_CHOICES = ("phase", "resolution", "never")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FADE, STABLE = "fade", "stable"
@@ -211,6 +212,7 @@ def make_train_step(
     cls_weight: float = 1.0,
     fake_cls_weight: float | None = None,
     diffaugment: str = "",
+    conditioning: str = "",
     ema_decay: float = 0.999,
     reset_opt: str = "phase",
 ):
@@ -225,7 +227,13 @@ def make_train_step(
     for the label and must make images a real-trained classifier assigns to their class.
     `diffaugment` ("translation,cutout", ...; "" = off): DiffAugment ops applied to every image
     D sees (reals, fakes, penalty interpolates), each call with its own draw.
+    `conditioning` "" (AC-GAN: D's class logits trained by cross-entropy) or "projection"
+    (Miyato & Koyama 2018: D's score for an image of class y adds the logit of y, a learned
+    inner product of a class embedding with D's features, and no cross-entropy), so D judges
+    how real an image is *as class y* and a fake of one class that looks like another loses.
     """
+    if conditioning not in CONDITIONING:
+        raise ValueError(f"conditioning must be one of {CONDITIONING}, got {conditioning!r}")
     fake_cls_weight = cls_weight if fake_cls_weight is None else fake_cls_weight
     policy = diffaugment_lib.parse(diffaugment)
     if reset_opt not in RESET_CHOICES:
@@ -271,9 +279,13 @@ def make_train_step(
                 if policy:
                     key = jax.random.fold_in(aug_key, next(calls))
                     images = diffaugment_lib.augment(images, key, policy)
-                return discriminator.apply(
+                scores, logits = discriminator.apply(
                     {"params": d_params}, images, lab, resolution=resolution, alpha=alpha
                 )
+                if conditioning == "projection" and lab is not None:
+                    own = jnp.take_along_axis(logits, lab[:, None], axis=-1)[:, 0]
+                    return scores.reshape(own.shape) + own, logits[:, :0]
+                return scores, logits
 
             return d_apply
 

@@ -141,6 +141,7 @@ def step_factory(config, generator, discriminator, txs):
         cls_weight=config.loss.cls_weight,
         fake_cls_weight=0.0 if config.loss.get("cls_reals_only", False) else None,
         diffaugment=config.loss.get("diffaugment", ""),
+        conditioning=config.loss.get("conditioning", ""),
         ema_decay=config.optim.ema_decay,
         reset_opt=config.optim.reset_opt,
     )

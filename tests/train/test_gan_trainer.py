@@ -257,3 +257,36 @@ def test_bf16_compute_option_traces_with_fp32_params(tmp_path):
     new_state, metrics = jax.eval_shape(step, state, batch, jax.random.PRNGKey(1))
     assert {x.dtype for x in jax.tree.leaves(new_state.g_params)} == {jnp.dtype(jnp.float32)}
     assert metrics["g/g_loss"].dtype == jnp.float32
+
+
+def test_conditioning_projection_scores_an_image_as_its_class():
+    """Projection: D's score of a real of class y is its critic output plus the logit of y,
+    with no class cross-entropy (AC-GAN's plain score is checked by the other tests)."""
+    conditioning = "projection"
+    generator, discriminator = gan.make_models(
+        dict(name="tiny", conditional=True, mbstd_group_size=2), num_classes=2, max_resolution=8
+    )
+    tx = gan.make_optimizer(dict(lr=1e-3, b1=0.0, b2=0.99, eps=1e-8))
+    state = gan.init_state(generator, discriminator, tx, tx, jax.random.PRNGKey(0))
+    step = jax.jit(
+        gan.make_train_step(
+            generator, discriminator, (tx, tx), 4, fade_images=64, stable_images=32,
+            conditioning=conditioning,
+        )
+    )  # fmt: skip
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+    labels = np.array([0, 1] * 4, np.int32)
+    _, metrics = step(state, {"image": images, "label": labels}, jax.random.PRNGKey(1))
+    reals = gan.pggan.resize_reals(jnp.asarray(images), 4)
+    scores, logits = discriminator.apply(
+        {"params": state.d_params}, reals, labels, resolution=4, alpha=1.0
+    )
+    own = np.asarray(logits)[np.arange(8), labels]
+    expected = np.asarray(scores).reshape(8) + own
+    assert float(metrics["d/real_score"]) == pytest.approx(expected.mean(), rel=1e-4, abs=1e-5)
+    assert "d/cls_real" not in metrics
+    with pytest.raises(ValueError, match="conditioning"):
+        gan.make_train_step(
+            generator, discriminator, (tx, tx), 4, fade_images=64, stable_images=32,
+            conditioning="hinge",
+        )  # fmt: skip
