@@ -74,7 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict(
         dict(lr=1e-3, b1=0.0, b2=0.99, eps=1e-8, ema_decay=0.999, reset_opt="phase")
     )
-    config.schedule = ml_collections.ConfigDict(dict(fade_images=600_000, stable_images=600_000))
+    # final_stable_images: length of the last (full-resolution) phase; 0 = stable_images.
+    config.schedule = ml_collections.ConfigDict(
+        dict(fade_images=600_000, stable_images=600_000, final_stable_images=0)
+    )
     config.train = ml_collections.ConfigDict(
         dict(
             global_batch_size=16,

@@ -260,6 +260,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("fanogan.kappa", number(ge=0)),
     ("schedule.fade_images", integer(ge=1)),
     ("schedule.stable_images", integer(ge=1)),
+    ("schedule.final_stable_images", integer(ge=0)),
     # optimizer
     ("optim.schedule", text(nonempty=True)),
     ("optim.reset_opt", text(nonempty=True)),

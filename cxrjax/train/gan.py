@@ -72,12 +72,20 @@ class Phase:
         return self.start + self.length
 
 
-def phases(max_resolution: int, fade_images: int, stable_images: int) -> list[Phase]:
-    """All phases in order: 4 stable, 8 fade, 8 stable, ..., max fade, max stable."""
+def phases(
+    max_resolution: int, fade_images: int, stable_images: int, final_stable_images: int = 0
+) -> list[Phase]:
+    """All phases in order: 4 stable, 8 fade, 8 stable, ..., max fade, max stable.
+
+    `final_stable_images` > 0 sets the length of the last phase (the official code's training
+    at full resolution until `total_kimg`): the full-size phase is where quality is made.
+    """
     out = [Phase(0, 4, STABLE, 0, stable_images)]
     for log2 in range(3, int(math.log2(max_resolution)) + 1):
         for kind, length in ((FADE, fade_images), (STABLE, stable_images)):
             out.append(Phase(len(out), 2**log2, kind, out[-1].end, length))
+    if final_stable_images > 0:
+        out[-1] = dataclasses.replace(out[-1], length=final_stable_images)
     return out
 
 

@@ -118,7 +118,10 @@ def validate(config) -> None:
 
 def _phases(config) -> list[gan.Phase]:
     return gan.phases(
-        config.data.resolution, config.schedule.fade_images, config.schedule.stable_images
+        config.data.resolution,
+        config.schedule.fade_images,
+        config.schedule.stable_images,
+        int(config.schedule.get("final_stable_images", 0)),
     )
 
 
