@@ -28,8 +28,9 @@ Their dataset fields are set from `data` at run time, so `data` alone points the
 another dataset (`--config.data.name=image_folder --config.data.manual_dir=PATH`).
 
 Presets (times: see each preset's comment; the machine a time was measured on is named):
-  launcher_smoke      smoke with three real-data arms only (no generators, quality or anomaly
-                      sub-runs): the launcher tests' experiment, ~1 min on a 2-core CPU.
+  launcher_smoke      smoke with two real-data arms only (real_scarce, oversampled; no
+                      generators, quality or anomaly sub-runs): the launcher tests'
+                      experiment, ~45 s on a 2-core CPU. Numbers are meaningless.
   smoke               same code path, tiny models at 16 px, 2 seeds: <= 3 min on a 2-core CPU
                       (the test). Numbers are meaningless.
   demo                the README quick start: the shipped PneumoniaMNIST subset at 28 px on a
@@ -345,7 +346,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.anomaly.normal_class = "No Finding"
     else:
         raise ValueError(
-            f"unknown experiment preset {preset!r}; choose smoke, launcher_smoke, demo, kermany_binary_128, "
-            "kermany_binary_256, kermany_3class_128, kermany_3class_256 or nih14_224"
+            f"unknown experiment preset {preset!r}; choose smoke, launcher_smoke, demo, "
+            "kermany_binary_128, kermany_binary_256, kermany_3class_128, kermany_3class_256 or "
+            "nih14_224"
         )
     return config

@@ -78,7 +78,7 @@ def validate(launcher) -> None:
 
 
 def resolve_cluster(cluster: str) -> str:
-    """"auto" -> "slurm" where SLURM's srun exists, else "local" (submitit's own choice)."""
+    """Cluster "auto" -> "slurm" where SLURM's srun exists, else "local" (submitit's choice)."""
     if cluster != "auto":
         return cluster
     return submitit.AutoExecutor.which()
@@ -256,7 +256,8 @@ class Submitit:
         attempt = self._attempts(name)[-1]
         info = _read_json(node_file(self.folder, attempt["job_id"])) or {}
         attempt.update(node=info.get("node"), ended=time.time())
-        job._results_timeout_s = min(job._results_timeout_s, 5)  # a dead job has no pickle
+        if self.cluster == "local":  # no shared file system to wait for: a dead job has none
+            job._results_timeout_s = 2
         try:
             result = job.results()[0]
         except (submitit_utils.UncompletedJobError, submitit_utils.FailedJobError) as e:
