@@ -220,3 +220,129 @@ def test_sigterm_to_the_experiment_then_the_same_command_reattaches(inline_run, 
     results = json.loads((run["workdir"] / "results.json").read_text())
     _assert_same_numbers(results, inline_run["results"])
     assert set(results["jobs"]) == set(STAGE_3)
+
+
+def _launch(overrides, workdir, capsys):
+    """run_experiment's parse + validate path in-process: (exit code or 0, stderr)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from launch import common
+
+    argv = ["prog", "--config=configs/experiment.py:launcher_smoke", f"--workdir={workdir}",
+            *overrides]  # fmt: skip
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flags.DEFINE_string("workdir", None, "workdir", flag_values=flag_values)
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(helpers.REPO)
+    try:
+        common.parse_flags(argv, flag_values)
+        config = flag_values["config"].value
+        common.run_job(
+            lambda: {"finished": False, "step": "validated"},
+            lambda results: results,
+            validate=lambda: experiment.validate(config, str(workdir)),
+        )
+    except SystemExit as stop:
+        return stop.code, capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    return 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", [field for field, _ in launchers.RULES])
+def test_bad_launcher_values_exit_2_with_one_line_naming_the_field(field, tmp_path, capsys):
+    rule = dict(launchers.RULES)[field]
+    for bad in rule.bad_values():
+        code, err = _launch([f"--config.{field}={bad}"], tmp_path / "wd", capsys)
+        assert code == 2 and err.startswith("error:") and field in err, (bad, err)
+        assert err.strip().count("\n") == 0, err
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("--config.launcher.nodes=2",), "launcher.nodes: the local cluster runs on one node"),
+        (("--config.launcher.cluster=slurm",), "launcher.cluster: 'slurm' needs SLURM"),
+    ],
+)
+def test_what_the_cluster_cannot_do_is_refused(overrides, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    overrides = ("--config.launcher.name=submitit", "--config.launcher.cluster=local", *overrides)
+    code, err = _launch(overrides, tmp_path / "wd", capsys)
+    assert code == 2 and message in err, err
+
+
+def test_slurm_parameters_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """The config's SLURM fields as sbatch directives (a stand-in srun: no cluster here)."""
+    import submitit
+
+    import configs.experiment as experiment_configs
+
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{srun.parent}:{os.environ['PATH']}")
+    launcher = experiment_configs.get_config("kermany_binary_128").launcher
+    launcher.update(name="submitit", cluster="slurm", partition="gpu", account="lab",
+                    gpus_per_node=4, nodes=2, tasks_per_node=1, timeout_min=600)  # fmt: skip
+    launchers.validate(launcher)
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
+    executor.update_parameters(**launchers.executor_parameters(launcher, "slurm"))
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--account=lab", "--gpus-per-node=4", "--nodes=2",
+                 "--ntasks-per-node=1", "--time=600", "--signal=USR2"):  # fmt: skip
+        assert f"#SBATCH {line}" in script, script
+    assert executor._executor.parameters["array_parallelism"] == launcher.array_parallelism
+
+
+class _FailedJob:
+    """A finished job that raised `message` (what submitit's job.results() raises)."""
+
+    def __init__(self, job_id, message):
+        self.job_id, self.message = job_id, message
+        self._results_timeout_s = 15
+
+    def results(self):
+        from submitit.core import utils
+
+        raise utils.FailedJobError(  # submitit's layout: header, trace, the job's own paths
+            "Job (task=0) failed during processing with trace:\n----------------------\n"
+            f"Traceback (most recent call last):\n  ...\n{self.message}\n"
+            "----------------------\nYou can check full logs at paths:\n"
+            f"  - /logs/{self.job_id}_0_log.err\n  - /logs/{self.job_id}_0_log.out"
+        )
+
+
+def test_a_sub_run_failing_the_same_way_twice_stops_with_job_id_and_log(tmp_path):
+    launcher = launchers.Submitit(_launcher_config(), str(tmp_path), harmless=())
+    logs = tmp_path / launchers.JOBS_DIR / "logs"
+    for job_id in ("11", "12", "13"):
+        (logs / f"{job_id}_0_log.err").write_text(f"line 1\nlast line of job {job_id}\n")
+    name, sub_workdir = "arms/x/seed0", str(tmp_path / "x")
+    attempts = launcher._attempts(name)
+    attempts.append({"job_id": "11", "cluster": "local", "state": "submitted"})
+    assert not launcher._settle(name, _FailedJob("11", "ValueError: one"), sub_workdir)  # resubmit
+    attempts.append({"job_id": "12", "cluster": "local", "state": "submitted"})
+    assert not launcher._settle(name, _FailedJob("12", "OSError: another"), sub_workdir)
+    attempts.append({"job_id": "13", "cluster": "local", "state": "submitted"})
+    with pytest.raises(launchers.SubRunFailed) as failed:
+        launcher._settle(name, _FailedJob("13", "ValueError: one"), sub_workdir)
+    assert "job 13 failed (ValueError: one)" in str(failed.value)
+    assert str(failed.value).endswith("line 1\nlast line of job 13")
+    table = _table(tmp_path)[name]["attempts"]
+    assert [a["state"] for a in table] == ["failed"] * 3
+
+
+def _launcher_config():
+    import configs.experiment as experiment_configs
+
+    launcher = experiment_configs.launcher_config()
+    launcher.update(name="submitit", cluster="local")
+    return launcher

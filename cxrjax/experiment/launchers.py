@@ -18,6 +18,7 @@ WORKDIR/jobs/logs/<job id>_<task>_log.{out,err}.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -74,6 +75,11 @@ def validate(launcher) -> None:
             cluster != "local" or launcher.nodes == 1,
             "launcher.nodes",
             f"the local cluster runs on one node, got {launcher.nodes}",
+        )
+        config_lib.check(
+            cluster != "slurm" or shutil.which("srun") is not None,
+            "launcher.cluster",
+            "'slurm' needs SLURM (srun) on this machine; use 'local' or 'auto'",
         )
 
 
@@ -348,10 +354,15 @@ class _LocalJob(submitit_local.LocalJob):
 
 
 def _failure(error: BaseException) -> str:
-    """A failure's signature (its exception's last line), the same for the same failure."""
-    if isinstance(error, submitit_utils.UncompletedJobError):
+    """A failure's signature: the exception line of the job's traceback (the same for the same
+    failure, whatever the job id), or NO_RESULT for a job that died without one."""
+    if not isinstance(error, submitit_utils.FailedJobError):  # its base class: no result
         return NO_RESULT
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # submitit's message: a header, the traceback between two dashed lines, then log paths.
+    text = str(error)
+    parts = text.split("----------------------")
+    trace = parts[1] if len(parts) >= 3 else text
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(error).__name__
 
 
