@@ -208,7 +208,9 @@ class Submitit:
             ),
         }
         fns = [SubRunJob(name, *runs[name], self.harmless, cache) for name in names]
-        jobs = self.executor.submit_array(fns)
+        # Without the experiment's own SLURM / submitit variables when it runs inside a job.
+        with submitit.helpers.clean_env():
+            jobs = self.executor.submit_array(fns)
         for name, job in zip(names, jobs, strict=True):
             self._attempts(name).append(
                 {"job_id": str(job.job_id), "cluster": self.cluster, "state": "submitted",
