@@ -346,3 +346,20 @@ def _launcher_config():
     launcher = experiment_configs.launcher_config()
     launcher.update(name="submitit", cluster="local")
     return launcher
+
+
+def test_inline_is_refused_while_jobs_of_a_submitit_run_may_still_run(tmp_path):
+    from cxrjax import config as config_lib
+
+    launcher = launchers.Submitit(_launcher_config(), str(tmp_path), harmless=())
+    launcher._attempts("arms/x/seed0").append(
+        {"job_id": "77", "cluster": "local", "state": "submitted"}
+    )
+    launcher._save()
+    inline = _launcher_config()
+    inline.name = "inline"
+    with pytest.raises(config_lib.ConfigError, match="arms/x/seed0: job 77"):
+        launchers.make(inline, str(tmp_path), ())
+    launcher.table["arms/x/seed0"]["attempts"][-1]["state"] = "finished"
+    launcher._save()
+    assert launchers.make(inline, str(tmp_path), ()) is None

@@ -91,8 +91,24 @@ def resolve_cluster(cluster: str) -> str:
 
 
 def make(launcher, workdir: str, harmless: Sequence[str]) -> Submitit | None:
-    """The launcher of `config.launcher`: None for inline (the runner's own loop)."""
+    """The launcher of `config.launcher`: None for inline (the runner's own loop).
+
+    Inline is refused while the job table holds jobs not yet seen to end: they may still write
+    to their sub-workdirs, and only the submitit launcher re-attaches to them."""
     if launcher.name == "inline":
+        table = _read_json(os.path.join(workdir, JOBS_DIR, TABLE_FILE)) or {}
+        open_jobs = [
+            f"{name}: job {entry['attempts'][-1]['job_id']}"
+            for name, entry in table.items()
+            if entry["attempts"] and entry["attempts"][-1]["state"] == "submitted"
+        ]
+        config_lib.check(
+            not open_jobs,
+            "launcher.name",
+            f"'inline', but {len(open_jobs)} job(s) of an earlier submitit run may still run "
+            f"({', '.join(open_jobs[:3])}); re-run with --config.launcher.name=submitit to "
+            "re-attach to them",
+        )
         return None
     return Submitit(launcher, workdir, harmless)
 
@@ -190,12 +206,12 @@ class Submitit:
         return self.table.setdefault(name, {"attempts": []})["attempts"]
 
     # -- jobs
-    def _job(self, job_id: str):
+    def _job(self, attempt: Mapping[str, Any]):
         """A job re-created from its id (and the log folder), as another invocation left it."""
-        tasks = range(int(self.launcher.nodes) * int(self.launcher.tasks_per_node))
-        if self.cluster == "local":
-            return _LocalJob(self.folder, job_id, tasks=list(tasks))
-        return submitit.SlurmJob(self.folder, job_id, tasks=list(tasks))
+        tasks = list(range(int(attempt.get("tasks", 1))))
+        if attempt["cluster"] == "local":
+            return _LocalJob(self.folder, attempt["job_id"], tasks=tasks)
+        return submitit.SlurmJob(self.folder, attempt["job_id"], tasks=tasks)
 
     def _submit(self, names: Sequence[str], runs) -> dict[str, Any]:
         """One job array for `names` (SLURM throttles it to array_parallelism)."""
@@ -214,7 +230,7 @@ class Submitit:
         for name, job in zip(names, jobs, strict=True):
             self._attempts(name).append(
                 {"job_id": str(job.job_id), "cluster": self.cluster, "state": "submitted",
-                 "submitted": time.time()}
+                 "submitted": time.time(), "tasks": job.num_tasks}
             )  # fmt: skip
             logging.info("[jobs] %s: submitted job %s (%s)", name, job.job_id, self.cluster)
         self._save()
@@ -225,18 +241,18 @@ class Submitit:
         attempts = self.table.get(name, {}).get("attempts", [])
         if not attempts or attempts[-1]["state"] != "submitted":
             return None
-        job_id = attempts[-1]["job_id"]
-        logging.info("[jobs] %s: re-attached to job %s", name, job_id)
-        return self._job(job_id)
+        logging.info("[jobs] %s: re-attached to job %s", name, attempts[-1]["job_id"])
+        return self._job(attempts[-1])
 
     def run(self, names: Sequence[str], runs, stop) -> dict[str, Mapping[str, Any]]:
         """Runs one stage's ready sub-runs `names` as jobs; returns their results.json."""
-        todo = [name for name in names if not _finished(runs[name][1])]
+        # Unsettled jobs of an earlier invocation first (also of sub-runs that finished since:
+        # their table entry is settled then); finished sub-runs are skipped.
+        running = {name: job for name in names if (job := self._reattach(name)) is not None}
+        queue = [n for n in names if n not in running and not _finished(runs[n][1])]
         for name in names:
-            if name not in todo:
+            if name not in running and name not in queue:
                 logging.info("[jobs] %s: skip (finished) -> %s", name, runs[name][1])
-        running = {name: job for name in todo if (job := self._reattach(name)) is not None}
-        queue = [name for name in todo if name not in running]
         limit = int(self.launcher.array_parallelism)
         while queue or running:
             # The local executor starts whatever it is given at once: hand it at most
