@@ -28,6 +28,9 @@ Their dataset fields are set from `data` at run time, so `data` alone points the
 another dataset (`--config.data.name=image_folder --config.data.manual_dir=PATH`).
 
 Presets (times: see each preset's comment; the machine a time was measured on is named):
+  launcher_smoke      smoke with two real-data arms only (real_scarce, oversampled; no
+                      generators, quality or anomaly sub-runs): the launcher tests'
+                      experiment, ~45 s on a 2-core CPU. Numbers are meaningless.
   smoke               same code path, tiny models at 16 px, 2 seeds: <= 3 min on a 2-core CPU
                       (the test). Numbers are meaningless.
   demo                the README quick start: the shipped PneumoniaMNIST subset at 28 px on a
@@ -158,7 +161,31 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # CAM overlays per arm on the same validation films: this many films per class (0 = none).
     config.figures = ml_collections.ConfigDict(dict(explain_per_class=2))
+    config.launcher = launcher_config()
     return config
+
+
+def launcher_config() -> ml_collections.ConfigDict:
+    """Where sub-runs run (cxrjax/experiment/launchers.py): "inline" in this process, one after
+    another, or "submitit": each stage's ready sub-runs as jobs (SLURM, or local processes).
+    Never changes a reported number, so it may differ between invocations on one workdir."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="inline",  # "inline" or "submitit"
+            cluster="auto",  # "auto" (SLURM when sbatch exists, else local), "slurm", "local"
+            partition="",  # SLURM partition ("" = the cluster's default)
+            account="",
+            qos="",
+            nodes=1,  # > 1: one job over several nodes, jax.distributed over its tasks
+            tasks_per_node=1,  # one JAX process per task (usually 1 per node)
+            gpus_per_node=0,
+            cpus_per_task=0,  # 0 = the cluster's default
+            mem_gb=0,  # 0 = the cluster's default
+            timeout_min=240,  # per job; a timed-out job is requeued and resumes its checkpoint
+            array_parallelism=64,  # jobs of one stage running at once
+            poll_s=10.0,  # how often the experiment looks at its jobs
+        )
+    )
 
 
 def _smoke(config) -> None:
@@ -279,6 +306,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.preset = preset
     if preset == "smoke":
         _smoke(config)
+    elif preset == "launcher_smoke":
+        _smoke(config)
+        config.arms = ("real_scarce", "oversampled")
+        config.quality.enabled = False
+        config.anomaly.enabled = False
     elif preset == "demo":
         _demo(config)
     elif preset.startswith("kermany_"):
@@ -314,7 +346,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.anomaly.normal_class = "No Finding"
     else:
         raise ValueError(
-            f"unknown experiment preset {preset!r}; choose smoke, demo, kermany_binary_128, "
-            "kermany_binary_256, kermany_3class_128, kermany_3class_256 or nih14_224"
+            f"unknown experiment preset {preset!r}; choose smoke, launcher_smoke, demo, "
+            "kermany_binary_128, kermany_binary_256, kermany_3class_128, kermany_3class_256 or "
+            "nih14_224"
         )
     return config

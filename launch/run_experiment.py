@@ -10,11 +10,18 @@ Re-running the same command skips finished sub-runs and resumes interrupted trai
 SIGTERM/SIGINT stop it cleanly (exit 0, "preempted ... re-run the same command to resume").
 XLA compilations are cached in WORKDIR/jax_cache (--jax_cache="" turns that off), so a resumed
 run compiles less.
+
+On a SLURM cluster (README, "The experiment on a cluster") each stage's sub-runs go out as jobs:
+  --config.launcher.name=submitit --config.launcher.partition=gpu --config.launcher.gpus_per_node=1
+Job ids, logs and the job table are under WORKDIR/jobs/; SIGTERM leaves the jobs running and the
+same command re-attaches to them. A sub-run failing the same way twice exits 1 with its job id
+and its log's last lines.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -47,6 +54,7 @@ def main(argv):
     common.setup()
     _set_compilation_cache()
     from cxrjax import experiment
+    from cxrjax.experiment import launchers
 
     def job():
         try:
@@ -55,6 +63,9 @@ def main(argv):
             logging.warning("%s", stopped)
             print(str(stopped), flush=True)
             return {"finished": False, "step": stopped.where}
+        except launchers.SubRunFailed as failed:  # the log's last lines: several lines
+            print(f"error: {failed}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     common.run_job(
         job,

@@ -11,6 +11,7 @@ Modules, by responsibility:
   report      warnings, verdict sentences and tables (Markdown)
   figures     figures/*.png
   runner      `run`: the four stages, resumable, preemptible
+  launchers   where sub-runs run: inline, or as submitit jobs (SLURM / local) with a job table
 
 The statistics themselves live in `cxrjax.metrics.significance` (paired t, Holm, hierarchical
 bootstrap) and `cxrjax.metrics.utility` (class fidelity, gate, distance matrix), importable and

@@ -365,6 +365,9 @@ def validate(config, workdir: str | None = None) -> None:
 
         features.parse_spec(config.quality.extractor)
     check(config.headroom.min_gap >= 0, "headroom.min_gap", "must be >= 0")
+    from cxrjax.experiment import launchers
+
+    launchers.validate(config.launcher)
     config_lib.check_choice(config, "anomaly.generators", ("dedicated", "shared"))
     config_lib.check_choice(config, "anomaly.features", ("judge", "pixels"))
     methods = tuple(config.anomaly.methods)

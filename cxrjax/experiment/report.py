@@ -435,6 +435,26 @@ def anomaly_table(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def jobs_table(results: Mapping[str, Any]) -> list[str]:
+    """Sub-runs that ran as jobs (launcher submitit): their last job's id, node, wall time and
+    exit state; sub-runs finished before (or inline) are not listed."""
+    jobs = results.get("jobs") or {}
+    if not jobs:
+        return []
+    lines = [
+        "## Jobs",
+        "",
+        "| sub-run | job id | node | wall time | exit state | attempts |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, job in jobs.items():
+        lines.append(
+            f"| {name} | {job['job_id']} | {job.get('node') or report.MISSING} | "
+            f"{_duration(job.get('wall_time_s'))} | {job['state']} | {job['attempts']} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(results: Mapping[str, Any], figures: Mapping[str, str], captions) -> str:
     cfg, info = results["config"], results["dataset"]
     level = _pct(cfg["eval"]["confidence"])
@@ -471,6 +491,7 @@ def markdown(results: Mapping[str, Any], figures: Mapping[str, str], captions) -
         "",
         *quality_tables(results),
         *anomaly_table(results),
+        *jobs_table(results),
         "",
         "## Figures",
         "",

@@ -31,7 +31,7 @@ from absl import logging
 
 from cxrjax import config as config_lib
 from cxrjax import fileio, parallel
-from cxrjax.experiment import checks, design, evaluation, figures, stages
+from cxrjax.experiment import checks, design, evaluation, figures, launchers, stages
 from cxrjax.experiment import report as report_lib
 from cxrjax.experiment import utility as utility_lib
 from cxrjax.train import results as results_lib
@@ -44,6 +44,7 @@ HARMLESS = (
     "data.num_workers",
     "quality.batch_size",
     *(f"{family}.train.log_every" for family in ("classifier", "pggan", "ddpm", "judge")),
+    *(field for field, _ in launchers.RULES),  # where sub-runs run, never what they compute
 )
 
 
@@ -221,6 +222,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     if parallel.is_main_process():
         os.makedirs(workdir, exist_ok=True)
         config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    launcher = launchers.make(config.launcher, workdir, SUBRUN_HARMLESS)
     timings: dict[str, float] = {}
     sub_results: dict[str, Mapping[str, Any]] = {}
     generator_source: dict[str, str] = {}
@@ -228,19 +230,23 @@ def run(config, workdir: str) -> dict[str, Any]:
     try:
         with _StopFlag() as stop:
 
-            def run_sub(name: str) -> Mapping[str, Any]:
-                kind, sub_workdir, sub = runs[name]
-                stage = design.stage_of(name)
-                done = os.path.exists(os.path.join(sub_workdir, "results.json"))
-                stages.log(stage, "%s %s (%s) -> %s", "skip (finished)" if done else "run", name,
-                           kind, sub_workdir)  # fmt: skip
-                shipped = None
+            def shipped_for(name: str):
+                kind, _, sub = runs[name]
                 if kind in design.GENERATORS and config.generators == "shipped" and name == kind:
                     shipped, reasons = stages.shipped_generator(kind, sub)
                     if shipped is None:
-                        stages.log(stage, "no shipped %s for this config (%s): training it",
-                                   kind, reasons[0])  # fmt: skip
-                if shipped is not None:
+                        stages.log(design.stage_of(name), "no shipped %s for this config (%s): "
+                                   "training it", kind, reasons[0])  # fmt: skip
+                    return shipped
+                return None
+
+            def run_sub(name: str) -> Mapping[str, Any]:
+                kind, sub_workdir, sub = runs[name]
+                done = os.path.exists(os.path.join(sub_workdir, "results.json"))
+                stages.log(design.stage_of(name), "%s %s (%s) -> %s",
+                           "skip (finished)" if done else "run", name, kind,
+                           sub_workdir)  # fmt: skip
+                if shipped_for(name) is not None:
                     result = stages.install_shipped(kind, sub, sub_workdir)
                     generator_source[name] = result["source"]
                 else:
@@ -251,25 +257,39 @@ def run(config, workdir: str) -> dict[str, Any]:
                 sub_results[name] = _finished(result, name, stop)
                 return result
 
+            def run_subs(names: list[str]) -> None:
+                """Sub-runs that need nothing from each other: one after another inline, or
+                all at once as jobs (shipped generators are installed here either way)."""
+                if launcher is None:
+                    for number, name in enumerate(names, start=1):
+                        if design.stage_of(name) == 3:
+                            stages.log(3, "classifier %d of %d", number, len(names))
+                        run_sub(name)
+                    return
+                local = [name for name in names if shipped_for(name) is not None]
+                for name in local:
+                    run_sub(name)
+                remote = [name for name in names if name not in local]
+                for name, result in launcher.run(remote, runs, stop).items():
+                    generator_source.setdefault(name, "trained in this run")
+                    sub_results[name] = result
+
             # Stage 1: data, the headroom arms.
             t0 = time.perf_counter()
             data = stages.prepare_data(config, workdir)
             info = data["info"]
-            for name in runs:
-                if design.stage_of(name) == 1:
-                    run_sub(name)
+            run_subs([name for name in runs if design.stage_of(name) == 1])
             timings[design.STAGES[0]] = results_lib.elapsed(t0)
 
             # Stage 2: the judge, generators, synthesis, quality, CAS.
             t0 = time.perf_counter()
             judge = real = None
             if "judge" in runs:
-                run_sub("judge")
+                run_subs(["judge"])
                 judge = stages.Judge(runs["judge"][1], info, config.scarcity.class_name)
                 real = utility_lib.real_probabilities(config, data, judge)
             kinds = design.needed_generators(config)
-            for kind in kinds:
-                run_sub(kind)
+            run_subs(list(kinds))
             synthetic = (
                 stages.synthesize_all(config, workdir, data, judge, real, stop)
                 if kinds
@@ -280,17 +300,12 @@ def run(config, workdir: str) -> dict[str, Any]:
                 if judge is not None and config.quality.enabled
                 else {}
             )
-            for name in runs:
-                if name.startswith("cas/"):
-                    run_sub(name)
+            run_subs([name for name in runs if name.startswith("cas/")])
             timings[design.STAGES[1]] = results_lib.elapsed(t0)
 
             # Stage 3: every other arm.
             t0 = time.perf_counter()
-            names = [n for n in runs if design.stage_of(n) == 3]
-            for number, name in enumerate(names, start=1):
-                stages.log(3, "classifier %d of %d", number, len(names))
-                run_sub(name)
+            run_subs([name for name in runs if design.stage_of(name) == 3])
             timings[design.STAGES[2]] = results_lib.elapsed(t0)
 
             # Stage 4: comparisons, anomaly detection.
@@ -298,9 +313,10 @@ def run(config, workdir: str) -> dict[str, Any]:
             arms, extras = evaluation.arm_results(config, workdir, info, runs)
             comparisons = evaluation.comparisons(config, arms, extras)
             headroom = evaluation.headroom(config, arms, extras)
-            for name in runs:
-                if name.startswith("anomaly/"):
-                    run_sub(name)
+            # The anomaly generators first: the anomaly methods score with them.
+            anomaly_runs = [name for name in runs if name.startswith("anomaly/")]
+            run_subs([name for name in anomaly_runs if runs[name][0] in design.GENERATORS])
+            run_subs([name for name in anomaly_runs if runs[name][0] not in design.GENERATORS])
             anomaly = (
                 evaluation.anomaly_results(config, workdir, runs) if config.anomaly.enabled else {}
             )
@@ -320,6 +336,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         config, workdir, runs, sub_results, info, arms, extras, comparisons, headroom, synthetic,
         quality, anomaly, timings, generator_source,
     )  # fmt: skip
+    if launcher is not None:
+        results["jobs"] = launcher.summary()
     problems = checks.check_results(results)
     if problems:
         raise AssertionError("experiment results fail their invariants: " + "; ".join(problems))
