@@ -51,6 +51,12 @@ def test_schedule_matches_hand_values():
         assert float(traced) == pytest.approx(alpha), seen
     assert [p.end for p in gan.phases(16, 100, 50)] == [50, 150, 200, 300, 350]
     assert gan_run.phase_end_step(gan.phases(16, 100, 50)[1], 16) == 10  # ceil(150 / 16)
+    # A longer full-resolution phase changes only the last phase's end; past it, alpha is 1.
+    longer = gan.phases(16, 100, 50, final_stable_images=400)
+    assert [p.end for p in longer] == [50, 150, 200, 300, 700]
+    assert longer[:-1] == gan.phases(16, 100, 50)[:-1]
+    traced = jax.jit(gan.alpha_in_graph, static_argnums=(1, 2, 3))(650, 16, 100, 50)
+    assert float(traced) == 1.0
 
 
 def test_alpha_is_traced_one_compile_per_resolution():
