@@ -488,16 +488,19 @@ def synthesize_filtered(
     labels = np.full((batch_size,), label, np.int32)
     base = jax.random.PRNGKey(int(seed))
     folder = class_names[label]
-    kept, attempts, batch_index = 0, 0, 0
+    # attempts: images drawn (and judged); passed: those the judge accepted, including any
+    # beyond the requested count in the last batch, so passed / attempts is the acceptance rate.
+    kept, attempts, passed, batch_index = 0, 0, 0, 0
 
     def judge_and_keep(images: np.ndarray) -> None:
-        nonlocal kept, attempts
+        nonlocal kept, attempts, passed
         images = images[: max_attempts - attempts]
         attempts += len(images)
         probs = np.asarray(judge(images))
         mask = utility.accept(
             probs, np.full(len(images), judge_label), thresholds, judge_class_names
         )
+        passed += int(mask.sum())
         for image in images[mask][: num_images - kept]:
             if parallel.is_main_process():
                 name = f"{folder}/{kind}_s{int(seed)}_f{kept:06d}.png"
@@ -523,7 +526,8 @@ def synthesize_filtered(
             "thresholds": thresholds,
             "attempts": int(attempts),
             "accepted": int(kept),
-            "acceptance_rate": kept / attempts if attempts else None,
+            "passed": int(passed),
+            "acceptance_rate": passed / attempts if attempts else None,
             "max_attempts": int(max_attempts),
             "shortfall": int(num_images - kept),
             "pool": {"images": int(pooled), **dict(pool_source or {})},

@@ -282,10 +282,16 @@ def real_eval_set(config, data, judge_class_names) -> tuple[np.ndarray, np.ndarr
 
 
 # ----------------------------------------------------------------------------- synthesis
-def _provenance_matches(folder: str, requested: int, seed: int) -> dict[str, Any] | None:
+def _provenance_matches(
+    folder: str, requested: int, seed: int, config=None
+) -> dict[str, Any] | None:
+    """The set's provenance when `folder` holds exactly this set (count, seed, DDIM steps)."""
     provenance = read_json(os.path.join(folder, "provenance.json"))
     if provenance is None or provenance.get("seed") != seed:
         return None
+    if config is not None and provenance.get("sampler") == "ddim":
+        if provenance.get("steps") != int(config.synthesis.steps):
+            return None
     done = provenance.get("requested", provenance.get("num_images"))
     return provenance if done == requested else None
 
@@ -310,7 +316,7 @@ def synthesize_set(kind, generator_dir, folder, *, num_images, label, seed, conf
     """`synthesis.synthesize` unless `folder` already holds this exact set."""
     from cxrjax import synthesis
 
-    done = _provenance_matches(folder, num_images, seed)
+    done = _provenance_matches(folder, num_images, seed, config)
     if done is not None and mode == "new":
         return done
     if mode == "new":
@@ -355,7 +361,7 @@ def synthesize_filtered_set(
     source = None
     if pool_provenance is not None:
         source = {"folder": os.path.basename(pool_folder), "seed": pool_provenance["seed"]}
-    done = _provenance_matches(folder, num_images, seed)
+    done = _provenance_matches(folder, num_images, seed, config)
     if done is not None and done["filter"].get("pool", {}).get("seed") == (source or {}).get(
         "seed"
     ):
@@ -382,9 +388,10 @@ def synthesize_filtered_set(
     filt = provenance["filter"]
     log(
         2,
-        "filtered %s: kept %d of %d drawn (acceptance %.1f %%)%s",
+        "filtered %s: kept %d; the judge accepted %d of %d drawn (%.1f %%)%s",
         kind,
         filt["accepted"],
+        filt.get("passed", filt["accepted"]),
         filt["attempts"],
         100 * (filt["acceptance_rate"] or 0.0),
         f"; SHORT by {filt['shortfall']} (attempt cap)" if filt["shortfall"] else "",
