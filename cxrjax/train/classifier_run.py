@@ -8,7 +8,6 @@ metrics, and writes the results.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,19 +24,18 @@ from cxrjax.data import builders, mixing, pipeline, sources
 from cxrjax.metrics import calibration
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.metrics import writer as writer_lib
-from cxrjax.models import densenet
 from cxrjax.train import classifier as classifier_lib
-from cxrjax.train import loop, optim
+from cxrjax.train import loop, optim, runs
 from cxrjax.train import results as results_lib
 from cxrjax.train import workdir as workdir_lib
 from cxrjax.train.classifier import (
-    DTYPES,
     class_weights,
     compile_steps,
     init_state,
     make_loss_fn,
     make_model,
 )
+from cxrjax.train.classifier_checks import RULES, validate  # noqa: F401 (public names)
 
 
 def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
@@ -69,102 +67,9 @@ def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- driver
-# Choices this driver owns, on top of config.RULES (types, ranges, finiteness of every field).
-RULES = (
-    ("data.name", config_lib.choice(*builders.BUILDERS)),
-    ("model.name", config_lib.choice(*densenet.MODELS)),
-    ("model.stem", config_lib.choice(*densenet.STEMS)),
-    ("model.dtype", config_lib.choice(*DTYPES)),
-    *optim.RULES,
-)
-
-
-def validate(config) -> None:
-    """Every field the run relies on, checked before any data read or compile."""
-    config_lib.check_fields(config, RULES)
-    check = config_lib.check
-    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
-    config_lib.check_choice(config, "model.name", tuple(densenet.MODELS))
-    config_lib.check_choice(config, "model.stem", densenet.STEMS)
-    config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
-    config_lib.check_choice(config, "loss.class_weighting", classifier_lib.WEIGHTINGS)
-    config_lib.check_choice(config, "train.select", ("best", "last"))
-    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
-    pipeline.check_bad_records(config)
-    config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
-    for field in (
-        "data.resolution",
-        "train.global_batch_size",
-        "train.num_steps",
-        "train.log_every",
-        "eval.batch_size",
-        "data.std",
-    ):
-        config_lib.check_positive(config, field)
-    for field in (
-        "train.eval_every",
-        "train.checkpoint_every",
-        "data.num_workers",
-        "eval.bootstrap",
-    ):
-        config_lib.check_positive(config, field, allow_zero=True)
-    check(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
-    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
-    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
-    check(len(config.model.block_config) >= 1, "model.block_config", "needs at least one block")
-    for role in ("train", "val"):
-        # By construction, the test split never trains a model nor picks a checkpoint or a
-        # threshold: those read only data.train_split and data.val_split.
-        check(
-            config.data[f"{role}_split"] != config.data.test_split,
-            f"data.{role}_split",
-            f"must differ from data.test_split ({config.data.test_split!r})",
-        )
-    mixing.check_subset_options(config.data)
-    synthetic = config.data.get("synthetic")
-    if synthetic is not None and synthetic.manual_dir:
-        check(
-            os.path.isdir(os.path.expanduser(synthetic.manual_dir)),
-            "data.synthetic.manual_dir",
-            f"{synthetic.manual_dir!r} is not a directory",
-        )
-        check(synthetic.count >= 0, "data.synthetic.count", "must be >= 0")
-        check(0.0 <= synthetic.fraction < 1.0, "data.synthetic.fraction", "must be in [0, 1)")
-        check(
-            not (synthetic.count and synthetic.fraction),
-            "data.synthetic.count",
-            "give data.synthetic.count or data.synthetic.fraction, not both",
-        )
-    check(
-        config.train.select == "last" or config.train.eval_every > 0,
-        "train.select",
-        "'best' needs train.eval_every > 0 (validation AUC picks the checkpoint)",
-    )
-    if config.model.pretrained:
-        check(
-            os.path.exists(os.path.expanduser(config.model.pretrained)),
-            "model.pretrained",
-            f"weights file {config.model.pretrained!r} does not exist",
-        )
-    optim.validate(config.optim)
-    classifier_lib.check_recipe(config)
-
-
-def _dataset_options(data) -> dict[str, Any]:
-    options = {
-        "data_dir": data.data_dir or None,
-        "manual_dir": data.manual_dir or None,
-        "resolution": data.resolution,
-        "skip_corrupt": data.skip_corrupt,
-    }
-    if data.labels:
-        options["labels"] = data.labels
-    return options
-
-
 def load_splits(data) -> tuple[dict[str, Any], sources.DatasetSpec]:
     """Prepares (idempotently) and opens the train/val/test splits of the configured dataset."""
-    options = _dataset_options(data)
+    options = runs.dataset_options(data)
     builders.prepare(data.name, **options)
     splits, spec = {}, None
     for role in ("train", "val", "test"):
@@ -540,13 +445,7 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
 
 def load_run_config(workdir: str):
     """The resolved config a run wrote at start (workdir/config.json) as a ConfigDict."""
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a train_classifier workdir")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return runs.read_config(workdir, "train_classifier")
 
 
 def evaluate_checkpoint(
@@ -560,38 +459,20 @@ def evaluate_checkpoint(
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = load_run_config(workdir)
     validate(config)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), best_metric="val/auc"
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
+    run = runs.load(workdir, step=step, mesh=mesh)
+    state, step, spec = run.state, run.step, run.spec
+    options = runs.dataset_options(config.data)
+    val_source, _ = builders.load(config.data.name, config.data.val_split, **options)
+    eval_source, _ = builders.load(config.data.name, split, **options)
+    model, tx, schedule, abstract = (
+        run.modules["model"],
+        run.parts.tx,
+        run.parts.schedule,
+        run.parts.abstract,
     )
-    try:
-        if step is None:
-            step = checkpointer.best_step() or checkpointer.latest_step()
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else step} in {checkpointer.directory} "
-                f"(available: {checkpointer.all_steps()})"
-            )
-        mesh = parallel.make_mesh()
-        parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
-        options = _dataset_options(config.data)
-        val_source, spec = builders.load(config.data.name, config.data.val_split, **options)
-        eval_source, _ = builders.load(config.data.name, split, **options)
-        model = make_model(config.model, spec.num_classes)
-        tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
-        resolution = int(config.data.resolution)
-        init_fn = functools.partial(
-            init_state,
-            model,
-            tx,
-            image_shape=(resolution, resolution, 1),
-            use_ema=config.optim.ema_decay > 0,
-        )
-        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        state, _ = checkpointer.restore(
-            step, checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
-        )
-    finally:
-        checkpointer.close()
+    resolution = int(config.data.resolution)
     _, predict = compile_steps(
         model,
         tx,
