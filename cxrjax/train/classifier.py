@@ -58,7 +58,9 @@ def class_weights(spec: sources.DatasetSpec, labels: np.ndarray, mode: str) -> n
     """
     num = spec.num_classes
     if mode not in WEIGHTINGS:
-        raise ValueError(f"class weighting must be one of {WEIGHTINGS}, got {mode!r}")
+        raise config_lib.ConfigError(
+            f"config.loss.class_weighting: must be one of {WEIGHTINGS}, got {mode!r}"
+        )
     if mode == "none":
         return np.ones(num, np.float32)
     if spec.label_kind == sources.MULTILABEL:

@@ -28,36 +28,10 @@ RULES = (
 def validate(config) -> None:
     """Every field the run relies on, checked before any data read or compile."""
     config_lib.check_fields(config, RULES)
+    # Types, ranges, choices of single fields: RULES above and config.RULES (one table).
     check = config_lib.check
-    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
-    config_lib.check_choice(config, "model.name", tuple(densenet.MODELS))
-    config_lib.check_choice(config, "model.stem", densenet.STEMS)
-    config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
     config_lib.check_choice(config, "loss.class_weighting", classifier_lib.WEIGHTINGS)
-    config_lib.check_choice(config, "train.select", ("best", "last"))
-    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
     pipeline.check_bad_records(config)
-    config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
-    for field in (
-        "data.resolution",
-        "train.global_batch_size",
-        "train.num_steps",
-        "train.log_every",
-        "eval.batch_size",
-        "data.std",
-    ):
-        config_lib.check_positive(config, field)
-    for field in (
-        "train.eval_every",
-        "train.checkpoint_every",
-        "data.num_workers",
-        "eval.bootstrap",
-    ):
-        config_lib.check_positive(config, field, allow_zero=True)
-    check(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
-    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
-    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
-    check(len(config.model.block_config) >= 1, "model.block_config", "needs at least one block")
     for role in ("train", "val"):
         # By construction, the test split never trains a model nor picks a checkpoint or a
         # threshold: those read only data.train_split and data.val_split.
