@@ -142,15 +142,22 @@ def restore_exported(path: str, abstract) -> tuple[Any, int]:
     return abstract.replace(**fields), step
 
 
-def restore(
+def restore(workdir: str, abstract, **options) -> tuple[Any, int]:
+    """(state, step): `restore_with_metadata` without the checkpoint's metadata."""
+    state, step, _ = restore_with_metadata(workdir, abstract, **options)
+    return state, step
+
+
+def restore_with_metadata(
     workdir: str,
     abstract,
     *,
     step: int | None = None,
     best_metric: str | None = None,
     mesh=None,
-) -> tuple[Any, int]:
-    """(state, step) of a workdir's checkpoint, replicated over `mesh` (default: all devices).
+) -> tuple[Any, int, dict[str, Any]]:
+    """(state, step, metadata) of a workdir's checkpoint, replicated over `mesh` (default: all
+    devices).
 
     `step` None: the best step by `best_metric` when given and recorded, else the latest. A
     workdir with no checkpoints/ but an exported generator.npz restores the exported fields.
@@ -159,7 +166,7 @@ def restore(
     exported = os.path.join(workdir, EXPORT_FILE)
     if not os.path.isdir(directory):
         if os.path.exists(exported):
-            return restore_exported(exported, abstract)
+            return (*restore_exported(exported, abstract), {})
         raise FileNotFoundError(f"no checkpoint in {workdir} (looked in {directory})")
     checkpointer = checkpoint_lib.Checkpointer(directory, best_metric=best_metric, async_save=False)
     try:
@@ -175,9 +182,14 @@ def restore(
                 f"(available: {checkpointer.all_steps()})"
             )
         mesh = mesh or parallel.make_mesh()
-        target = checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
-        state, _ = checkpointer.restore(step, target)
-        return state, int(step)
+        # No abstract state (a family this module has no builder for): the saved tree as is.
+        target = (
+            None
+            if abstract is None
+            else checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
+        )
+        state, meta = checkpointer.restore(step, target)
+        return state, int(step), meta
     finally:
         checkpointer.close()
 
@@ -202,10 +214,11 @@ class Run:
     def params(self):
         """The weights to use: the EMA copy where the run keeps one, else the trained ones."""
         state = self.state
-        for field in ("ema_params", "g_ema_params"):
-            if getattr(state, field, None) is not None:
-                return getattr(state, field)
-        return getattr(state, "params", None)
+        fields = state if isinstance(state, dict) else vars(state) if state is not None else {}
+        for field in ("ema_params", "g_ema_params", "params"):
+            if fields.get(field) is not None:
+                return fields[field]
+        return None
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -236,23 +249,28 @@ def load(
     `select` "best" takes the best-by-validation checkpoint where the family ranks them
     (classifiers), "latest" the latest; an explicit `step` wins. `host=True` fetches the
     restored state to host memory (numpy), else it stays replicated over `mesh`. Runs of a
-    family with no state builder here (anomaly encoders) load with state None.
+    family this module has no builder for (a new `Job`, an f-AnoGAN encoder) restore their
+    saved tree as nested dicts, without modules; with no checkpoints, state stays None.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = read_config(workdir)
     kind = family(config)
     run = Run(workdir, config, kind)
-    if kind not in (CLASSIFIER, PGGAN, DDPM):
+    known = kind in (CLASSIFIER, PGGAN, DDPM)
+    if known:
+        resolution = config.data.source_resolution if kind == PGGAN else "data"
+        run.spec = dataset_spec(config.data, resolution)
+    if not state or not (known or run.checkpoint_steps()):
         return run
-    resolution = config.data.source_resolution if kind == PGGAN else "data"
-    run.spec = dataset_spec(config.data, resolution)
-    if not state:
-        return run
-    run.parts = build(config, kind, run.spec)
+    # Another family (a new Job, an f-AnoGAN encoder): its saved tree, without modules.
+    run.parts = build(config, kind, run.spec) if known else None
     best = BEST_METRIC.get(kind) if select == "best" else None
-    run.state, run.step = restore(
-        workdir, run.parts.abstract, step=step, best_metric=best, mesh=mesh
+    abstract = run.parts.abstract if known else None
+    run.state, run.step, meta = restore_with_metadata(
+        workdir, abstract, step=step, best_metric=best, mesh=mesh
     )
+    if not known:
+        run.family = meta.get("family", kind)  # `job.train` records its job's name
     if host:
         run.state = jax.device_get(run.state)
     return run
