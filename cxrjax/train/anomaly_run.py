@@ -181,8 +181,7 @@ class AnomalyJob(job_lib.Job):
     name = "anomaly"
     hash_ignore = HASH_IGNORE
 
-    def validate(self, config) -> None:
-        validate(config)
+    validate = staticmethod(validate)
 
     def prepare(self, config, mesh) -> None:
         check_generator(config)
@@ -337,9 +336,8 @@ def encoder_plan(config, run, train_source, spec, mesh, normal_label) -> job_lib
     return job_lib.Plan(
         init_fn=init_fn,
         batches=train_iter,
-        segments=[job_lib.Segment(num_steps, train_step, batch_size)],
+        train_step=train_step,
         signature={
-            "global_batch_size": batch_size,
             "dataset": f"{spec.name}:{normal_class}",
             "train_records": int(len(normals)),
             "generator": f"{run.workdir}@{run.step}",

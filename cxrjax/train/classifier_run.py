@@ -206,14 +206,27 @@ def headline_auc(result: Mapping[str, Any]) -> float:
     return float(result["macro"]["auc"])
 
 
+def _compile(config, spec, model, tx, schedule, mesh, abstract, loss_fn):
+    """(train_step, predict) compiled over `mesh` for this config's EMA and label kind."""
+    return compile_steps(
+        model,
+        tx,
+        loss_fn,
+        schedule,
+        mesh,
+        abstract,
+        ema_decay=config.optim.ema_decay,
+        label_kind=spec.label_kind,
+    )
+
+
 class ClassifierJob(job_lib.Job):
     """The DenseNet family: val AUC picks the checkpoint, test is read once at the end."""
 
     name = "classifier"
     hash_ignore = HASH_IGNORE
 
-    def validate(self, config) -> None:
-        validate(config)
+    validate = staticmethod(validate)
 
     def prepare(self, config, mesh) -> None:
         parallel.check_global_batch(config.train.global_batch_size, mesh)
@@ -244,16 +257,7 @@ class ClassifierJob(job_lib.Job):
         abstract = jax.eval_shape(init_fn, rng)
         replicated = parallel.replicated(mesh)
         loss_fn = make_loss_fn(spec, weights, config.loss.label_smoothing)
-        train_step, predict = compile_steps(
-            model,
-            tx,
-            loss_fn,
-            schedule,
-            mesh,
-            abstract,
-            ema_decay=config.optim.ema_decay,
-            label_kind=spec.label_kind,
-        )
+        train_step, predict = _compile(config, spec, model, tx, schedule, mesh, abstract, loss_fn)
         normalization = (float(config.data.mean), float(config.data.std))
         train_iter = job_lib.train_iterator(
             config,
@@ -287,14 +291,12 @@ class ClassifierJob(job_lib.Job):
                 **plateau.observe(out["labels"], out["probs"]),
             }
 
-        batch = int(config.train.global_batch_size)
         return job_lib.Plan(
             init_fn=init_fn,
             batches=train_iter,
             # CheXNet's val_plateau wraps the step, else it is train_step itself.
-            segments=[job_lib.Segment(num_steps, plateau.train_step, batch)],
+            train_step=plateau.train_step,
             signature={
-                "global_batch_size": batch,
                 "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
                 + dataset_suffix,
                 "train_records": len(train_source),
@@ -441,16 +443,8 @@ def evaluate_checkpoint(
         run.parts.abstract,
     )
     resolution = int(config.data.resolution)
-    _, predict = compile_steps(
-        model,
-        tx,
-        make_loss_fn(spec, np.ones(spec.num_classes)),
-        schedule,
-        mesh,
-        abstract,
-        ema_decay=config.optim.ema_decay,
-        label_kind=spec.label_kind,
-    )
+    loss_fn = make_loss_fn(spec, np.ones(spec.num_classes))
+    _, predict = _compile(config, spec, model, tx, schedule, mesh, abstract, loss_fn)
     normalization = (float(config.data.mean), float(config.data.std))
 
     def batches(source):

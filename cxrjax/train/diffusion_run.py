@@ -118,8 +118,7 @@ class DiffusionJob(job_lib.Job):
     name = "ddpm"
     hash_ignore = HASH_IGNORE
 
-    def validate(self, config) -> None:
-        validate(config)
+    validate = staticmethod(validate)
 
     def build(self, config, workdir: str, mesh) -> job_lib.Plan:
         train_source, spec = load_train_split(config.data)
@@ -172,13 +171,11 @@ class DiffusionJob(job_lib.Job):
                 logging.info("[samples] step %d -> %s (rows: %s)", step, path, captions)
             return {"samples/mean": float(images.mean()), "samples/std": float(images.std())}
 
-        batch = int(config.train.global_batch_size)
         return job_lib.Plan(
             init_fn=init_fn,
             batches=train_iter,
-            segments=[job_lib.Segment(num_steps, train_step, batch)],
+            train_step=train_step,
             signature={
-                "global_batch_size": batch,
                 "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
                 + mixing.subset_signature(config.data),
                 "train_records": len(train_source),

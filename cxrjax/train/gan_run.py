@@ -161,8 +161,7 @@ class GanJob(job_lib.Job):
     name = "pggan"
     hash_ignore = HASH_IGNORE
 
-    def validate(self, config) -> None:
-        validate(config)
+    validate = staticmethod(validate)
 
     def prepare(self, config, mesh) -> None:
         sizes = batch_sizes(config)

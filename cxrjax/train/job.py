@@ -5,9 +5,9 @@ A job says only what differs between families:
 * `validate(config)`: every field, before anything is written (raise `config.ConfigError`);
 * `prepare(config, mesh)`: checks once the workdir is accepted: batch sizes against the
   devices (default: the train batch), inputs the run needs;
-* `build(config, workdir, mesh) -> Plan`: data iterator, `init_fn`, compiled steps (as
-  `Segment`s: one for most families, one per growth phase for PGGAN), an optional periodic
-  `eval_fn`, and the signature entries that tell a resumed run it is the same run;
+* `build(config, workdir, mesh) -> Plan`: data iterator, `init_fn`, the compiled
+  `train_step` (or `Segment`s: PGGAN's growth phases), an optional periodic `eval_fn`, and
+  the signature entries that tell a resumed run it is the same run;
 * `finish(config, plan, ended) -> dict`: evaluate the trained state and summarise the run
   (the dict becomes results.json).
 
@@ -62,6 +62,9 @@ class Plan:
 
     init_fn: Callable[[jax.Array], Any] | None
     batches: Any = None  # a Grain DatasetIterator: its position is checkpointed
+    # One compiled step for train.num_steps at train.global_batch_size (most families), or
+    # `segments` (PGGAN's phases).
+    train_step: Callable[[Any, Any, jax.Array], tuple[Any, Mapping[str, jax.Array]]] | None = None
     segments: list[Segment] = dataclasses.field(default_factory=list)
     signature: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     abstract: Any = None  # default: jax.eval_shape(init_fn, rng)
@@ -140,9 +143,11 @@ def train_iterator(
 
 
 def signature(job: Job, config, decision, plan: Plan) -> dict[str, Any]:
-    """The resume signature: the config hash (less `job.hash_ignore`) and the job's entries."""
+    """The resume signature: the config hash (less `job.hash_ignore`), the global batch and
+    the job's entries (the dataset, its size, ...)."""
     hashed = config_lib.config_hash(decision.hash_config(config), ignore=job.hash_ignore)
-    return {"config_hash": hashed, **plan.signature}
+    batch = int(config.train.global_batch_size)
+    return {"config_hash": hashed, "global_batch_size": batch, **plan.signature}
 
 
 def train(
@@ -220,7 +225,7 @@ def fit(
         # A host copy: the state (and its rng leaf) is donated to the first step.
         base_rng = parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh)
         step, history, finished, preempted = start_step, [], True, False
-        for segment in plan.segments:
+        for segment in plan.segments or _whole_run(config, plan):
             if step >= segment.end:
                 continue
             if segment.before is not None:
@@ -264,6 +269,12 @@ def fit(
     finally:
         writer.close()
         checkpointer.close()
+
+
+def _whole_run(config, plan: Plan) -> list[Segment]:
+    """One segment: `plan.train_step` for train.num_steps at train.global_batch_size."""
+    batch = int(config.train.global_batch_size)
+    return [Segment(int(config.train.num_steps), plan.train_step, batch)]
 
 
 def _save(results: dict[str, Any], workdir: str, clock: results_lib.Clock) -> dict[str, Any]:

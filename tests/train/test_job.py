@@ -106,7 +106,7 @@ class LinearJob(job_lib.Job):
         return job_lib.Plan(
             init_fn=init_fn,
             batches=batches,
-            segments=[job_lib.Segment(int(config.train.num_steps), step, 8)],
+            train_step=step,
             signature={"dataset": f"toy:{data.num_examples}x{data.features}"},
         )
 
