@@ -23,17 +23,8 @@ from cxrjax.models import densenet
 from cxrjax.train import optim
 from cxrjax.train import state as state_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MODEL_FIELDS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression",
-    "dropout_rate",
-    "stem",
-    "remat",
-)
+DTYPES = state_lib.DTYPES
+MODEL_FIELDS = densenet.FIELDS
 
 
 # ----------------------------------------------------------------------------- model & loss
