@@ -13,7 +13,6 @@ fidelity judge (it only asks which class an image looks like) does not penalise.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -26,9 +25,7 @@ _PRESET = flags.DEFINE_string("preset", "demo", "the experiment preset the workd
 def laplacian_energy(images: np.ndarray) -> np.ndarray:
     """Per image: mean |4 x - (up + down + left + right)| over interior pixels."""
     x = images
-    lap = (
-        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
-    )
+    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
     return np.abs(lap).mean(axis=(1, 2))
 
 

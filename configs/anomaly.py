@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cxrjax import config as config_lib
+
 METHODS = ("fanogan", "ddpm")
 
 
@@ -65,25 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.method = "fanogan"  # "fanogan" (PGGAN workdir) or "ddpm" (DDPM workdir)
     config.generator_workdir = ""  # the trained generator run (required)
-    config.data = ml_collections.ConfigDict(
-        dict(
-            # "" = the generator run's own dataset, data_dir, manual_dir and label variant.
-            name="",
-            data_dir="",
-            manual_dir="",
-            labels="",
-            normal_class="normal",  # every other class counts as abnormal
-            train_split="train",
-            val_split="val",
-            test_split="test",
-            num_workers=0,
-            skip_corrupt=False,
-            # Unreadable training images: "error" stops naming the record; "mask" swaps in the
-            # next readable one and counts it, stopping above max_bad_fraction of those seen.
-            bad_records="error",
-            max_bad_fraction=0.01,
-            augment=ml_collections.ConfigDict(dict(enabled=False)),
-        )
+    config.data = config_lib.data_block(
+        # "" = the generator run's own dataset, data_dir, manual_dir and label variant.
+        name="",
+        normal_class="normal",  # every other class counts as abnormal
+        val_split="val",
+        test_split="test",
     )
     # f-AnoGAN encoder (cxrjax.models.encoder): widths double per halving from base to max.
     config.encoder = ml_collections.ConfigDict(

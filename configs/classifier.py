@@ -37,25 +37,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from cxrjax import config as config_lib
 from cxrjax.models import densenet
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
     """All DenseNet fields spelled out, filled from the named class's defaults."""
     cls = densenet.MODELS[name]
-    fields = {
-        field: getattr(cls, field)
-        for field in (
-            "growth_rate",
-            "block_config",
-            "num_init_features",
-            "bn_size",
-            "compression",
-            "dropout_rate",
-            "stem",
-            "remat",
-        )
-    }
+    fields = {field: getattr(cls, field) for field in densenet.FIELDS}
     fields["block_config"] = tuple(fields["block_config"])
     fields.update(name=name, dtype="float32", pretrained="")
     fields.update(overrides)
@@ -65,63 +54,45 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.data = ml_collections.ConfigDict(
-        dict(
-            name="pneumonia_mnist",
-            data_dir="",  # "" = $CXRJAX_DATA_DIR or ~/cxrjax_datasets
-            manual_dir="",
-            labels="",  # dataset-specific label variant, e.g. "binary" / "3class"
-            resolution=28,
-            train_split="train",
-            val_split="val",
-            test_split="test",
-            num_workers=0,
-            balanced=False,
-            skip_corrupt=False,
-            # Unreadable training images: "error" stops naming the record; "mask" swaps in the
-            # next readable one and counts it, stopping above max_bad_fraction of those seen.
-            bad_records="error",
-            max_bad_fraction=0.01,
-            # Scarcity: keep `keep_fraction` of class `keep_class` of the training split ("" =
-            # all records), chosen by `keep_seed` (mixing.scarce_indices), e.g. 10 % of normal.
-            keep_class="",
-            keep_fraction=1.0,
-            keep_seed=0,
-            # Synthetic images mixed into training (mixing.mix): a folder of class folders as
-            # launch.synthesize writes it, prepared as an image_folder dataset at
-            # data.resolution; every split of that folder counts as training data.
-            synthetic=ml_collections.ConfigDict(
-                dict(
-                    manual_dir="",  # "" = no synthetic data
-                    folder_name="",  # its image_folder name ("" = derived from the path)
-                    data_dir="",  # where to prepare it ("" = data.data_dir)
-                    count=0,  # synthetic records drawn (without replacement); 0 = all
-                    fraction=0.0,  # or: their share of the mixed training set (0 = use count)
-                    label="",  # "" = by class folder name; a class name = that class for all
-                    # True: train on the synthetic images alone (classification accuracy
-                    # score, Ravuri & Vinyals 2019); validation and test stay real.
-                    only=False,
-                )
-            ),
-            # The same-prior control for synthetic data: repeat the kept records of
-            # data.keep_class until that class holds round(balance x its full training count)
-            # records (balance > 0), or its kept count + `count` (count > 0).
-            oversample=ml_collections.ConfigDict(dict(balance=0.0, count=0)),
-            mean=0.5,  # classifier normalisation: (x / 255 - mean) / std
-            std=0.25,
-            augment=ml_collections.ConfigDict(
-                dict(
-                    enabled=True,
-                    rotation_deg=10.0,
-                    scale=0.1,
-                    translate=0.08,
-                    brightness=0.1,
-                    contrast=0.1,
-                    hflip=False,
-                    fill=0,
-                )
-            ),
-        )
+    config.data = config_lib.data_block(
+        labels="",  # dataset-specific label variant, e.g. "binary" / "3class"
+        resolution=28,
+        val_split="val",
+        test_split="test",
+        balanced=False,
+        **config_lib.SCARCITY,
+        # Synthetic images mixed into training (mixing.mix): a folder of class folders as
+        # launch.synthesize writes it, prepared as an image_folder dataset at
+        # data.resolution; every split of that folder counts as training data.
+        synthetic=ml_collections.ConfigDict(
+            dict(
+                manual_dir="",  # "" = no synthetic data
+                folder_name="",  # its image_folder name ("" = derived from the path)
+                data_dir="",  # where to prepare it ("" = data.data_dir)
+                count=0,  # synthetic records drawn (without replacement); 0 = all
+                fraction=0.0,  # or: their share of the mixed training set (0 = use count)
+                label="",  # "" = by class folder name; a class name = that class for all
+                # True: train on the synthetic images alone (classification accuracy
+                # score, Ravuri & Vinyals 2019); validation and test stay real.
+                only=False,
+            )
+        ),
+        # The same-prior control for synthetic data: repeat the kept records of
+        # data.keep_class until that class holds round(balance x its full training count)
+        # records (balance > 0), or its kept count + `count` (count > 0).
+        oversample=ml_collections.ConfigDict(dict(balance=0.0, count=0)),
+        mean=0.5,  # classifier normalisation: (x / 255 - mean) / std
+        std=0.25,
+        augment=dict(
+            enabled=True,
+            rotation_deg=10.0,
+            scale=0.1,
+            translate=0.08,
+            brightness=0.1,
+            contrast=0.1,
+            hflip=False,
+            fill=0,
+        ),
     )
     config.model = model_config("densenet121", stem="small")
     config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0, class_weighting="none"))

@@ -26,49 +26,23 @@ from __future__ import annotations
 
 import ml_collections
 
+from cxrjax import config as config_lib
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.data = ml_collections.ConfigDict(
-        dict(
-            name="pneumonia_mnist",
-            data_dir="",  # "" = $CXRJAX_DATA_DIR or ~/cxrjax_datasets
-            manual_dir="",
-            labels="",
-            resolution=32,
-            train_split="train",
-            # "" trains on every class; a class name (e.g. "normal") restricts training to it,
-            # as a diffusion anomaly detector (cxrjax.anomaly, method "ddpm") wants.
-            only_class="",
-            # Scarcity: keep `keep_fraction` of class `keep_class` ("" = all records), chosen by
-            # `keep_seed` (mixing.scarce_indices): the experiment's scarce training split.
-            keep_class="",
-            keep_fraction=1.0,
-            keep_seed=0,
-            num_workers=0,
-            # Class-balanced epochs (multi-class, conditional models): every class is drawn
-            # equally often, so a scarce class is learnt as fast as the common ones.
-            balanced=False,
-            skip_corrupt=False,
-            # Unreadable training images: "error" stops naming the record; "mask" swaps in the
-            # next readable one and counts it, stopping above max_bad_fraction of those seen.
-            bad_records="error",
-            max_bad_fraction=0.01,
-            # Generators learn the data as is: no geometric augmentation by default.
-            augment=ml_collections.ConfigDict(
-                dict(
-                    enabled=False,
-                    rotation_deg=0.0,
-                    scale=0.0,
-                    translate=0.0,
-                    brightness=0.0,
-                    contrast=0.0,
-                    hflip=False,
-                    fill=0,
-                )
-            ),
-        )
+    config.data = config_lib.data_block(
+        resolution=32,
+        # "" trains on every class; a class name (e.g. "normal") restricts training to it,
+        # as a diffusion anomaly detector (cxrjax.anomaly, method "ddpm") wants.
+        only_class="",
+        **config_lib.SCARCITY,
+        # Class-balanced epochs (multi-class, conditional models): every class is drawn
+        # equally often, so a scarce class is learnt as fast as the common ones.
+        balanced=False,
+        # Generators learn the data as is: no geometric augmentation by default.
+        augment=config_lib.AUGMENT_OFF,
     )
     config.model = ml_collections.ConfigDict(
         dict(name="unet_demo32", dtype="float32", conditional=True, remat=False)

@@ -45,14 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cxrjax import anomaly_generators, anomaly_report, diffusion, fileio, parallel, synthesis
+from cxrjax import anomaly_generators, anomaly_report, diffusion, fileio, parallel
 from cxrjax import config as config_lib
 from cxrjax.data import mixing, pipeline, sources
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.models import unet
 from cxrjax.train import anomaly as anomaly_train
 from cxrjax.train import diffusion as diffusion_train
-from cxrjax.train import loop, optim
+from cxrjax.train import loop, optim, runs
 from cxrjax.train import results as results_lib
 
 METHODS = ("fanogan", "ddpm")
@@ -382,8 +382,8 @@ def load_scorer(method: str, workdir: str, *, mesh=None, **options) -> Scorer:
     tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
     shape = (run.resolution, run.resolution, 1)
     init_fn = functools.partial(anomaly_train.init_state, encoder, tx, image_shape=shape)
-    state, step = synthesis._restore_latest(
-        workdir, jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
+    state, step = runs.restore(
+        workdir, jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed))), mesh=mesh
     )
     scorer = FAnoGANScorer(
         run,

@@ -7,19 +7,16 @@ Split from `cxrjax.anomaly`, which re-exports every name here (`anomaly.load_gen
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 
 from cxrjax import config as config_lib
-from cxrjax import parallel, synthesis
+from cxrjax import parallel
 from cxrjax.data import sources
-from cxrjax.train import diffusion as diffusion_train
-from cxrjax.train import gan, gan_run, optim
+from cxrjax.train import runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +35,13 @@ class GeneratorRun:
 
 def run_kind(run_config) -> str:
     """ "pggan" or "ddpm" from a generator run's config.json (its sections tell them apart)."""
-    if "schedule" in run_config and run_config.model.name in gan.MODELS:
-        return "pggan"
-    if "diffusion" in run_config and run_config.model.name in diffusion_train.MODELS:
-        return "ddpm"
-    return "unknown"
+    found = runs.family(run_config)
+    return found if found in (runs.PGGAN, runs.DDPM) else "unknown"
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """A run's resolved config.json (FileNotFoundError, naming the path, when absent)."""
-    return synthesis._run_config(os.path.abspath(os.path.expanduser(workdir)))
+    return runs.read_config(os.path.abspath(os.path.expanduser(workdir)), "generator run")
 
 
 def load_generator_run(workdir: str, kind: str, mesh=None) -> GeneratorRun:
@@ -60,25 +54,14 @@ def load_generator_run(workdir: str, kind: str, mesh=None) -> GeneratorRun:
             f"{workdir} holds a {found} run (config.json), not a {kind} run"
         )
     mesh = mesh or parallel.make_mesh()
-    resolution = int(config.data.resolution)
-    rng = jax.random.PRNGKey(int(config.seed))
+    run = runs.load(workdir, select="latest", mesh=mesh)
+    state, modules = run.state, run.modules
     if kind == "pggan":
-        spec = synthesis._dataset_spec(config.data, config.data.source_resolution)
-        generator, discriminator = gan.make_models(config.model, spec.num_classes, resolution)
-        tx = gan.make_optimizer(config.optim)
-        init_fn = functools.partial(gan_run.init_state_fn, generator, discriminator, tx, tx)
-        state, step = synthesis._restore_latest(workdir, jax.eval_shape(init_fn, rng))
-        modules = {"generator": generator, "discriminator": discriminator}
         params = {"generator": state.g_ema_params, "discriminator": state.d_params}
     else:
-        spec = synthesis._dataset_spec(config.data, config.data.resolution)
-        model = diffusion_train.make_model(config.model, spec.num_classes)
-        tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-        shape = (resolution, resolution, 1)
-        init_fn = functools.partial(diffusion_train.init_state, model, tx, image_shape=shape)
-        state, step = synthesis._restore_latest(workdir, jax.eval_shape(init_fn, rng))
-        modules, params = {"model": model}, {"model": state.ema_params}
-    return GeneratorRun(kind, workdir, config, spec, step, resolution, modules, params)
+        params = {"model": state.ema_params}
+    resolution = int(config.data.resolution)
+    return GeneratorRun(kind, workdir, config, run.spec, run.step, resolution, modules, params)
 
 
 def class_label(class_name: str, class_names: Sequence[str], conditional: bool) -> int:

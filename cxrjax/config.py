@@ -293,6 +293,44 @@ RULES: tuple[tuple[str, Rule], ...] = (
 )
 
 
+# ------------------------------------------------------------------------ config building blocks
+# Geometric and intensity augmentation, every field off (generators learn the data as is).
+AUGMENT_OFF = dict(
+    enabled=False,
+    rotation_deg=0.0,
+    scale=0.0,
+    translate=0.0,
+    brightness=0.0,
+    contrast=0.0,
+    hflip=False,
+    fill=0,
+)
+# The scarce training split (mixing.scarce_indices): keep `keep_fraction` of class `keep_class`
+# ("" = all records), chosen by `keep_seed`.
+SCARCITY = dict(keep_class="", keep_fraction=1.0, keep_seed=0)
+
+
+def data_block(*, augment: dict | None = None, **fields: Any) -> ml_collections.ConfigDict:
+    """A config's `data` section: the fields every family's data has, then `fields` (which
+    override them), and `augment` (default: {"enabled": False})."""
+    block = dict(
+        name="pneumonia_mnist",
+        data_dir="",  # "" = $CXRJAX_DATA_DIR or ~/cxrjax_datasets
+        manual_dir="",
+        labels="",
+        train_split="train",
+        num_workers=0,
+        skip_corrupt=False,
+        # Unreadable training images: "error" stops naming the record; "mask" swaps in the
+        # next readable one and counts it, stopping above max_bad_fraction of those seen.
+        bad_records="error",
+        max_bad_fraction=0.01,
+    )
+    block.update(fields)
+    block["augment"] = ml_collections.ConfigDict(dict(augment or {"enabled": False}))
+    return ml_collections.ConfigDict(block)
+
+
 def leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted name, value) of every leaf field of a ConfigDict / dict."""
     for key, value in config.items() if hasattr(config, "items") else ():

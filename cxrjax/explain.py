@@ -22,7 +22,6 @@ indices give the same films for every arm of an experiment.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -138,57 +137,22 @@ class Restored:
 
 def restore(workdir: str, step: int | None = None) -> Restored:
     """Restores a classifier checkpoint (step None: best by validation, else latest)."""
-    from cxrjax import checkpoint as checkpoint_lib
-    from cxrjax import parallel
-    from cxrjax.data import builders
-    from cxrjax.train import classifier, classifier_run, optim
+    from cxrjax.train import runs
 
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = classifier_run.load_run_config(workdir)
-    options = classifier_run._dataset_options(config.data)
-    builder = builders.prepare(config.data.name, **options)
-    spec = builders.spec(builder)
-    model = classifier.make_model(config.model, spec.num_classes)
-    tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-    resolution = int(config.data.resolution)
-    init_fn = functools.partial(
-        classifier.init_state,
-        model,
-        tx,
-        image_shape=(resolution, resolution, 1),
-        use_ema=config.optim.ema_decay > 0,
-    )
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), best_metric="val/auc"
-    )
-    try:
-        if step is None:
-            step = checkpointer.best_step() or checkpointer.latest_step()
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else step} in {checkpointer.directory} "
-                f"(available: {checkpointer.all_steps()})"
-            )
-        mesh = parallel.make_mesh()
-        target = checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
-        state, _ = checkpointer.restore(step, target)
-    finally:
-        checkpointer.close()
+    run = runs.load(workdir, step=step)
+    state = run.state
     params = state.ema_params if state.ema_params is not None else state.params
     variables = jax.device_get({"params": params, "batch_stats": state.batch_stats})
-    return Restored(config, model, variables, spec, int(step))
+    return Restored(run.config, run.modules["model"], variables, run.spec, run.step)
 
 
 def _films(restored: Restored, split: str, indices: Sequence[int]) -> tuple[np.ndarray, list]:
     """uint8 films [N, R, R] and their records' (id, label) for `indices` of `split`."""
     from cxrjax.data import builders, imageio
-    from cxrjax.train import classifier_run
+    from cxrjax.train import runs
 
     config = restored.config
-    source, _ = builders.load(
-        config.data.name, split, **classifier_run._dataset_options(config.data)
-    )
+    source, _ = builders.load(config.data.name, split, **runs.dataset_options(config.data))
     resolution = int(config.data.resolution)
     films, meta = [], []
     for index in indices:

@@ -200,46 +200,18 @@ def cxr_extractor(
     classes (the shape of the checkpoint's head) comes from the run's dataset, opened as
     evaluate_checkpoint does (prepared datasets are only read).
     """
-    from cxrjax import checkpoint as checkpoint_lib
-    from cxrjax.data import builders
-    from cxrjax.train import classifier, classifier_run, optim
+    from cxrjax.train import classifier_checks, runs
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     check_spec(f"cxr:{workdir}")
-    config = classifier_run.load_run_config(workdir)
-    classifier_run.validate(config)
-    options = classifier_run._dataset_options(config.data)
-    spec = builders.spec(builders.prepare(config.data.name, **options))
-    model = classifier.make_model(config.model, spec.num_classes)
-    tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-    resolution = int(config.data.resolution)
-    init_fn = functools.partial(
-        classifier.init_state,
-        model,
-        tx,
-        image_shape=(resolution, resolution, 1),
-        use_ema=config.optim.ema_decay > 0,
-    )
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), best_metric="val/auc", async_save=False
-    )
-    try:
-        if step is None:
-            step = checkpointer.best_step() or checkpointer.latest_step()
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else step} in {checkpointer.directory} "
-                f"(available: {checkpointer.all_steps()})"
-            )
-        mesh = parallel.make_mesh()
-        state, _ = checkpointer.restore(
-            step, checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
-        )
-        step_dir = os.path.join(workdir, "checkpoints", str(step))
-        saved_at = os.path.getmtime(step_dir) if os.path.exists(step_dir) else 0.0
-    finally:
-        checkpointer.close()
+    config = runs.read_config(workdir, "train_classifier")
+    classifier_checks.validate(config)
+    mesh = parallel.make_mesh()
+    run = runs.load(workdir, step=step, mesh=mesh)
+    state, step, spec = run.state, run.step, run.spec
+    model, resolution = run.modules["model"], int(config.data.resolution)
+    step_dir = os.path.join(workdir, "checkpoints", str(step))
+    saved_at = os.path.getmtime(step_dir) if os.path.exists(step_dir) else 0.0
     use_ema = state.ema_params is not None
     variables = {
         "params": state.ema_params if use_ema else state.params,

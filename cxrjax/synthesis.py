@@ -16,22 +16,19 @@ the images it holds (`mode="overwrite"`); every PNG and provenance.json is writt
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import fileio, parallel
-from cxrjax.data import builders, imageio
+from cxrjax.data import imageio
 from cxrjax.train import diffusion as diffusion_train
-from cxrjax.train import gan, gan_run, optim
+from cxrjax.train import gan, runs
 
 GENERATORS = ("pggan", "ddpm")
 SAMPLERS = ("ddim", "ddpm")
@@ -70,7 +67,7 @@ def check_request(
     if mode not in MODES:
         raise config_lib.ConfigError(f"mode: must be one of {MODES}, got {mode!r}")
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    found = run_kind(_run_config(workdir))
+    found = run_kind(runs.read_config(workdir, "generator run"))
     if found != kind:
         hint = f"use --generator={found}" if found in GENERATORS else "point it at a generator run"
         raise config_lib.ConfigError(
@@ -100,29 +97,10 @@ def _clear_output(output: str) -> None:
                 os.rmdir(folder)
 
 
-def _run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a generator run workdir")
-    return ml_collections.ConfigDict(json.loads(fileio.read_text(path)))
-
-
-def _dataset_spec(data, resolution) -> Any:
-    options = {
-        "data_dir": data.data_dir or None,
-        "manual_dir": data.manual_dir or None,
-        "resolution": resolution or None,
-        "skip_corrupt": data.skip_corrupt,
-    }
-    if data.labels:
-        options["labels"] = data.labels
-    return builders.spec(builders.prepare(data.name, **options))
-
-
 # An exported generator: the sampling (and scoring) weights of a finished run without its
 # optimizer state, small enough to ship (cxrjax/resources/generators/): config.json,
 # results.json and this file, a flat npz of "<state field>/<param path>" arrays.
-EXPORT_FILE = "generator.npz"
+EXPORT_FILE = runs.EXPORT_FILE
 EXPORTED_FIELDS = {"pggan": ("g_ema_params", "d_params"), "ddpm": ("ema_params",)}
 
 
@@ -135,9 +113,8 @@ def export_generator(kind: str, workdir: str, output: str) -> str:
     from flax import traverse_util
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = _run_config(workdir)
-    abstract = _abstract_state(kind, config)
-    state, step = _restore_latest(workdir, abstract)
+    run = runs.load(workdir, select="latest")
+    state, step = run.state, run.step
     arrays = {}
     for field in EXPORTED_FIELDS[kind]:
         flat = traverse_util.flatten_dict(jax.device_get(getattr(state, field)), sep="/")
@@ -149,63 +126,6 @@ def export_generator(kind: str, workdir: str, output: str) -> str:
         if os.path.exists(source):
             fileio.write_bytes(os.path.join(output, name), open(source, "rb").read())
     return output
-
-
-def _abstract_state(kind: str, config) -> Any:
-    rng0 = jax.random.PRNGKey(int(config.seed))
-    resolution = int(config.data.resolution)
-    if kind == "pggan":
-        spec = _dataset_spec(config.data, config.data.source_resolution)
-        generator, discriminator = gan.make_models(config.model, spec.num_classes, resolution)
-        tx = gan.make_optimizer(config.optim)
-        init_fn = functools.partial(gan_run.init_state_fn, generator, discriminator, tx, tx)
-    else:
-        spec = _dataset_spec(config.data, config.data.resolution)
-        model = diffusion_train.make_model(config.model, spec.num_classes)
-        tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-        image_shape = (resolution, resolution, 1)
-        init_fn = functools.partial(diffusion_train.init_state, model, tx, image_shape=image_shape)
-    return jax.eval_shape(init_fn, rng0)
-
-
-def _restore_exported(path: str, abstract) -> tuple[Any, int]:
-    """The abstract state with its exported fields filled in (the rest stay abstract)."""
-    from flax import traverse_util
-
-    with np.load(path) as saved:
-        arrays = {key: saved[key] for key in saved.files}
-    step = int(arrays.pop("step"))
-    fields = {}
-    for field in {key.split("/", 1)[0] for key in arrays}:
-        target = traverse_util.flatten_dict(getattr(abstract, field), sep="/")
-        flat = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(field + "/")}
-        if set(flat) != set(target) or any(flat[k].shape != target[k].shape for k in target):
-            raise ValueError(f"{path}: {field} does not fit this config's model")
-        fields[field] = traverse_util.unflatten_dict(
-            {k: jax.numpy.asarray(v, target[k].dtype) for k, v in flat.items()}, sep="/"
-        )
-    return abstract.replace(**fields), step
-
-
-def _restore_latest(workdir: str, abstract) -> tuple[Any, int]:
-    directory = os.path.join(workdir, "checkpoints")
-    missing = FileNotFoundError(f"no checkpoint in {workdir} (looked in {directory})")
-    exported = os.path.join(workdir, EXPORT_FILE)
-    if not os.path.isdir(directory) and os.path.exists(exported):
-        return _restore_exported(exported, abstract)
-    if not os.path.isdir(directory):
-        raise missing
-    checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise missing
-        mesh = parallel.make_mesh()
-        target = checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
-        state, _ = checkpointer.restore(step, target)
-        return state, int(step)
-    finally:
-        checkpointer.close()
 
 
 def _to_uint8(images) -> np.ndarray:
@@ -236,17 +156,13 @@ def load_generator(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = _run_config(workdir)
+    mesh = parallel.make_mesh()
+    run = runs.load(workdir, select="latest", mesh=mesh)
+    config, spec, state, step = run.config, run.spec, run.state, run.step
     resolution = int(config.data.resolution)
     info: dict[str, Any] = {"generator": kind, "workdir": workdir, "resolution": resolution}
-    mesh = parallel.make_mesh()
-    rng0 = jax.random.PRNGKey(int(config.seed))
     if kind == "pggan":
-        spec = _dataset_spec(config.data, config.data.source_resolution)
-        generator, discriminator = gan.make_models(config.model, spec.num_classes, resolution)
-        tx = gan.make_optimizer(config.optim)
-        init_fn = functools.partial(gan_run.init_state_fn, generator, discriminator, tx, tx)
-        state, step = _restore_latest(workdir, jax.eval_shape(init_fn, rng0))
+        generator = run.modules["generator"]
         params = state.g_ema_params
         conditional = generator.num_classes > 0
         sample = gan.make_sample_fn(generator)
@@ -257,13 +173,9 @@ def load_generator(
 
         info.update(sampler="pggan", steps=None, guidance=None)
     else:
-        spec = _dataset_spec(config.data, config.data.resolution)
-        model = diffusion_train.make_model(config.model, spec.num_classes)
+        model = run.modules["model"]
         schedule = diffusion_train.make_noise_schedule(config.diffusion)
-        tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
         image_shape = (resolution, resolution, 1)
-        init_fn = functools.partial(diffusion_train.init_state, model, tx, image_shape=image_shape)
-        state, step = _restore_latest(workdir, jax.eval_shape(init_fn, rng0))
         params = state.ema_params
         conditional = model.num_classes > 0
         if sampler == "ddpm":

@@ -34,7 +34,7 @@ SCORES = ("silhouette", "davies_bouldin", "calinski_harabasz")
 
 def _encode(x, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validated features, integer codes [N] in 0..K-1 and cluster sizes [K]."""
-    x = generative._as_features(x, "features")
+    x = generative.as_features(x, "features")
     labels = np.asarray(labels)
     if labels.shape != (len(x),):
         raise ValueError(f"labels must be [N={len(x)}], got shape {labels.shape}")
@@ -92,19 +92,19 @@ def silhouette_samples(x, labels, *, chunk_size: int = 1024) -> np.ndarray:
     n, k = len(x), len(counts)
     reason = _degenerate(n, k, "silhouette")
     if reason:
-        generative._warn(reason)
+        generative.warn(reason)
         return np.full(n, math.nan)
     if (counts == 1).any():
-        generative._warn(
+        generative.warn(
             f"silhouette: {(counts == 1).sum()} cluster(s) with one member; those samples score 0"
         )
     chunk = min(chunk_size, n)
     dtype = generative.compute_dtype(x)
-    (xc,) = generative._centred_device_arrays(x.mean(0, dtype=np.float64), dtype, x)
+    (xc,) = generative.centred_device_arrays(x.mean(0, dtype=np.float64), dtype, x)
     onehot = np.zeros((n, k), dtype)
     onehot[np.arange(n), codes] = 1
     sums = _cluster_distance_sums(
-        generative._pad_rows(xc, chunk), generative._pad_rows(onehot, chunk), chunk=chunk
+        generative.pad_rows(xc, chunk), generative.pad_rows(onehot, chunk), chunk=chunk
     )
     sums = np.asarray(sums, np.float64)[:n]
     own_size = counts[codes]
@@ -151,7 +151,7 @@ def _davies_bouldin(centroids, abs_sum, counts) -> float:
     scatter = abs_sum / counts  # mean distance of members to their centroid
     gaps = np.sqrt(np.sum((centroids[:, None] - centroids[None]) ** 2, axis=-1))
     if np.allclose(scatter, 0) or np.allclose(gaps, 0):
-        generative._warn("Davies-Bouldin: clusters are points or share one centroid; returning 0")
+        generative.warn("Davies-Bouldin: clusters are points or share one centroid; returning 0")
         return 0.0
     # Coinciding centroids (and the diagonal) are excluded from the max, as in sklearn.
     gaps[gaps == 0] = np.inf
@@ -164,7 +164,7 @@ def davies_bouldin_score(x, labels) -> float:
     x, codes, counts = _encode(x, labels)
     reason = _degenerate(len(x), len(counts), "Davies-Bouldin")
     if reason:
-        generative._warn(reason)
+        generative.warn(reason)
         return math.nan
     centroids, abs_sum, _ = _cluster_moments(x, codes, len(counts))
     return _davies_bouldin(centroids, abs_sum, counts)
@@ -176,7 +176,7 @@ def _calinski_harabasz(centroids, sq_sum, counts) -> float:
     between = float(np.sum(counts * np.sum((centroids - grand_mean) ** 2, axis=1)))
     within = float(sq_sum.sum())
     if within == 0:
-        generative._warn("Calinski-Harabasz: zero within-cluster dispersion; returning 1")
+        generative.warn("Calinski-Harabasz: zero within-cluster dispersion; returning 1")
         return 1.0
     return float(between * (n - k) / (within * (k - 1)))
 
@@ -186,7 +186,7 @@ def calinski_harabasz_score(x, labels) -> float:
     x, codes, counts = _encode(x, labels)
     reason = _degenerate(len(x), len(counts), "Calinski-Harabasz")
     if reason:
-        generative._warn(reason)
+        generative.warn(reason)
         return math.nan
     centroids, _, sq_sum = _cluster_moments(x, codes, len(counts))
     return _calinski_harabasz(centroids, sq_sum, counts)
@@ -197,7 +197,7 @@ def cluster_scores(x, labels, *, chunk_size: int = 1024) -> dict[str, Any]:
     x, codes, counts = _encode(x, labels)
     reason = _degenerate(len(x), len(counts), "cluster scores")
     if reason:
-        return generative._nan_dict(SCORES, reason)
+        return generative.nan_dict(SCORES, reason)
     centroids, abs_sum, sq_sum = _cluster_moments(x, codes, len(counts))
     return {
         "silhouette": silhouette_score(x, codes, chunk_size=chunk_size),
@@ -211,9 +211,9 @@ def real_vs_synthetic(real, fake, *, chunk_size: int = 1024) -> dict[str, Any]:
 
     Signature (real, fake) so `generative.per_class(real_vs_synthetic, ...)` gives it per class.
     """
-    real = generative._as_features(real, "real")
-    fake = generative._as_features(fake, "fake")
-    generative._check_same_dim(real, fake)
+    real = generative.as_features(real, "real")
+    fake = generative.as_features(fake, "fake")
+    generative.check_same_dim(real, fake)
     labels = np.concatenate([np.zeros(len(real), np.int32), np.ones(len(fake), np.int32)])
     return cluster_scores(np.concatenate([real, fake]), labels, chunk_size=chunk_size)
 
@@ -227,9 +227,9 @@ def class_structure(
     by class, so it stays near the real value only if each synthetic class lands on its real
     counterpart.
     """
-    real = generative._as_features(real, "real")
-    fake = generative._as_features(fake, "fake")
-    generative._check_same_dim(real, fake)
+    real = generative.as_features(real, "real")
+    fake = generative.as_features(fake, "fake")
+    generative.check_same_dim(real, fake)
     pooled_x = np.concatenate([real, fake])
     pooled_labels = np.concatenate([np.asarray(real_labels), np.asarray(fake_labels)])
     out = {}
@@ -258,9 +258,9 @@ def kmeans_agreement(
     `n_clusters` defaults to the number of intended classes. With `real_labels`, the same scores
     for the real samples ("real_ari", "real_nmi") give the ceiling the synthetic ones aim for.
     """
-    real = generative._as_features(real, "real")
-    fake = generative._as_features(fake, "fake")
-    generative._check_same_dim(real, fake)
+    real = generative.as_features(real, "real")
+    fake = generative.as_features(fake, "fake")
+    generative.check_same_dim(real, fake)
     fake_labels = np.asarray(fake_labels)
     if fake_labels.shape != (len(fake),):
         raise ValueError(f"fake_labels must be [M={len(fake)}], got shape {fake_labels.shape}")
@@ -272,7 +272,7 @@ def kmeans_agreement(
             f"k-means agreement needs >= 2 clusters, >= n_clusters real and >= 2 fake samples; "
             f"got {n_clusters} clusters, {len(real)} real, {len(fake)} fake"
         )
-        return {**generative._nan_dict(keys, reason), "n_clusters": n_clusters}
+        return {**generative.nan_dict(keys, reason), "n_clusters": n_clusters}
     kmeans = sk_cluster.KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(real)
     assigned = kmeans.predict(fake)
     out = {

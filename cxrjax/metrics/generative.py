@@ -39,16 +39,16 @@ class MetricWarning(UserWarning):
     """A metric was computed on too little data, or needed a numerical fallback."""
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     warnings.warn(message, MetricWarning, stacklevel=3)
 
 
-def _nan_dict(keys, reason: str) -> dict[str, Any]:
-    _warn(reason)
+def nan_dict(keys, reason: str) -> dict[str, Any]:
+    warn(reason)
     return {**{key: math.nan for key in keys}, "reason": reason}
 
 
-def _as_features(x, name: str, *, flatten: bool = False) -> np.ndarray:
+def as_features(x, name: str, *, flatten: bool = False) -> np.ndarray:
     """Validates an [N, D] feature array (or [N, ...] when `flatten`) without copying floats."""
     x = np.asarray(x)
     if flatten and x.ndim >= 1:
@@ -62,7 +62,7 @@ def _as_features(x, name: str, *, flatten: bool = False) -> np.ndarray:
     return x
 
 
-def _check_same_dim(real: np.ndarray, fake: np.ndarray) -> None:
+def check_same_dim(real: np.ndarray, fake: np.ndarray) -> None:
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dims differ: real {real.shape[1]}, fake {fake.shape[1]}")
 
@@ -77,7 +77,7 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     Two passes (mean, then centred products) because the one-pass E[xx^T] - mu mu^T loses
     digits when features have a large mean, and chunks avoid a float64 copy of all features.
     """
-    x = _as_features(features, "features")
+    x = as_features(features, "features")
     n, d = x.shape
     if n < 2:
         raise ValueError(f"need >= 2 samples for a covariance, got {n}")
@@ -130,7 +130,7 @@ def frechet_distance_from_stats(
     product = sigma1 @ sigma2
     root = scipy.linalg.sqrtm(product)
     if not _sqrtm_is_accurate(root, product, sqrtm_rtol):
-        _warn(
+        warn(
             f"sqrtm(sigma1 @ sigma2) is inaccurate (singular product); adding {eps:g} * I to "
             "both covariances"
         )
@@ -156,14 +156,14 @@ def frechet_distance(real, fake, **kwargs) -> float:
     is biased and unstable); NaN with a warning below 2 samples. kwargs: see
     `frechet_distance_from_stats`.
     """
-    real, fake = _as_features(real, "real"), _as_features(fake, "fake")
-    _check_same_dim(real, fake)
+    real, fake = as_features(real, "real"), as_features(fake, "fake")
+    check_same_dim(real, fake)
     d = real.shape[1]
     if min(len(real), len(fake)) < 2:
-        _warn(f"Fréchet distance needs >= 2 samples per set, got {len(real)} and {len(fake)}")
+        warn(f"Fréchet distance needs >= 2 samples per set, got {len(real)} and {len(fake)}")
         return math.nan
     if min(len(real), len(fake)) < d:
-        _warn(
+        warn(
             f"Fréchet distance with fewer samples ({len(real)}, {len(fake)}) than dims ({d}): "
             "covariances are rank-deficient, the value is biased"
         )
@@ -201,8 +201,8 @@ def kid(
     set; NaN below 2 samples. `dtype=np.float32` halves the matmul time at ~1e-6 accuracy.
     Returns {"kid", "kid_std_err", "subset_size", "num_subsets"} (+ "reason" when NaN).
     """
-    real, fake = _as_features(real, "real"), _as_features(fake, "fake")
-    _check_same_dim(real, fake)
+    real, fake = as_features(real, "real"), as_features(fake, "fake")
+    check_same_dim(real, fake)
     if num_subsets < 1 or subset_size < 2:
         raise ValueError(
             f"need num_subsets >= 1, subset_size >= 2; got {num_subsets}, {subset_size}"
@@ -210,9 +210,9 @@ def kid(
     n = min(len(real), len(fake))
     if n < 2:
         reason = f"KID needs >= 2 samples per set, got {len(real)} and {len(fake)}"
-        return _nan_dict(("kid", "kid_std_err"), reason)
+        return nan_dict(("kid", "kid_std_err"), reason)
     if n < subset_size:
-        _warn(f"KID subset size reduced from {subset_size} to {n} (smaller set has {n} samples)")
+        warn(f"KID subset size reduced from {subset_size} to {n} (smaller set has {n} samples)")
         subset_size = n
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets)
@@ -359,12 +359,12 @@ def compute_dtype(*arrays) -> np.dtype:
     return jax.dtypes.canonicalize_dtype(np.result_type(np.float32, *[a.dtype for a in arrays]))
 
 
-def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
     pad = (-len(x)) % multiple
     return np.pad(x, ((0, pad), (0, 0))) if pad else x
 
 
-def _centred_device_arrays(offset: np.ndarray, dtype, *arrays: np.ndarray):
+def centred_device_arrays(offset: np.ndarray, dtype, *arrays: np.ndarray):
     """Subtracts a common offset so |x|^2 + |y|^2 - 2 x.y cancels less in float32."""
     return [np.asarray(a - offset.astype(a.dtype), dtype=dtype) for a in arrays]
 
@@ -389,10 +389,10 @@ def knn_distances(
     (a duplicate point still counts, at distance 0). Neighbours are selected in chunked JAX;
     the returned distances are recomputed in float64 for those neighbours.
     """
-    queries = _as_features(queries, "queries")
+    queries = as_features(queries, "queries")
     exclude_self = refs is None
-    refs = queries if exclude_self else _as_features(refs, "refs")
-    _check_same_dim(queries, refs)
+    refs = queries if exclude_self else as_features(refs, "refs")
+    check_same_dim(queries, refs)
     available = len(refs) - int(exclude_self)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} needs 1 <= k <= {available} neighbours available")
@@ -402,13 +402,13 @@ def knn_distances(
     dtype = compute_dtype(queries, refs)
     offset = refs.mean(0, dtype=np.float64)
     if exclude_self:
-        (x,) = _centred_device_arrays(offset, dtype, queries)
-        idx = _self_knn_kernel(_pad_rows(x, row_chunk), len(refs), k=k, chunk=row_chunk)
+        (x,) = centred_device_arrays(offset, dtype, queries)
+        idx = _self_knn_kernel(pad_rows(x, row_chunk), len(refs), k=k, chunk=row_chunk)
     else:
-        q, r = _centred_device_arrays(offset, dtype, queries, refs)
+        q, r = centred_device_arrays(offset, dtype, queries, refs)
         idx = _cross_knn_kernel(
-            _pad_rows(q, row_chunk),
-            _pad_rows(r, col_chunk),
+            pad_rows(q, row_chunk),
+            pad_rows(r, col_chunk),
             len(refs),
             k=k,
             row_chunk=row_chunk,
@@ -442,8 +442,8 @@ def prdc(real, fake, *, k: int = 5, chunk_size: int = 1024) -> dict[str, Any]:
     Cost: two self k-NN searches (radii) and one fused real x fake pass for all four counts.
     Entries that need more than k samples in a set are NaN, with a warning and a "reason".
     """
-    real, fake = _as_features(real, "real"), _as_features(fake, "fake")
-    _check_same_dim(real, fake)
+    real, fake = as_features(real, "real"), as_features(fake, "fake")
+    check_same_dim(real, fake)
     out = dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
     reasons = []
     if len(real) < k + 1 or len(fake) == 0:
@@ -455,10 +455,10 @@ def prdc(real, fake, *, k: int = 5, chunk_size: int = 1024) -> dict[str, Any]:
         fake_radii = knn_radii(fake, k=k, chunk_size=chunk_size) if len(fake) > k else None
         row_chunk, col_chunk = min(chunk_size, len(real)), min(chunk_size, len(fake))
         dtype = compute_dtype(real, fake)
-        x, y = _centred_device_arrays(real.mean(0, dtype=np.float64), dtype, real, fake)
+        x, y = centred_device_arrays(real.mean(0, dtype=np.float64), dtype, real, fake)
         in_fake_balls, min_d2, in_real_balls = _cross_ball_kernel(
-            _pad_rows(x, row_chunk),
-            _pad_rows(y, col_chunk),
+            pad_rows(x, row_chunk),
+            pad_rows(y, col_chunk),
             _squared_radii(real_radii, len(real), row_chunk, dtype),
             _squared_radii(fake_radii, len(fake), col_chunk, dtype),
             len(real),
@@ -476,7 +476,7 @@ def prdc(real, fake, *, k: int = 5, chunk_size: int = 1024) -> dict[str, Any]:
             out["recall"] = float(np.mean(np.asarray(in_fake_balls)[: len(real)] > 0))
     if reasons:
         out["reason"] = "; ".join(reasons) + f"; got {len(real)} real, {len(fake)} fake"
-        _warn(out["reason"])
+        warn(out["reason"])
     return out
 
 
@@ -504,9 +504,9 @@ def memorisation(
       closest_pairs [P, 2], closest_distance [P]   (fake index, real index), closest first
     Fewer than 2 real or 1 fake samples give NaN rates with a warning and "reason".
     """
-    real = _as_features(real, "real", flatten=True)
-    fake = _as_features(fake, "fake", flatten=True)
-    _check_same_dim(real, fake)
+    real = as_features(real, "real", flatten=True)
+    fake = as_features(fake, "fake", flatten=True)
+    check_same_dim(real, fake)
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     empty = {
@@ -518,7 +518,7 @@ def memorisation(
     }
     if len(real) < 2 or len(fake) == 0:
         reason = f"memorisation needs >= 2 real and >= 1 fake samples, got {len(real)}, {len(fake)}"
-        return {**empty, **_nan_dict(("threshold", "near_copy_rate"), reason)}
+        return {**empty, **nan_dict(("threshold", "near_copy_rate"), reason)}
     nn_distance, nn_index = knn_distances(fake, real, k=1, chunk_size=chunk_size)
     nn_distance, nn_index = nn_distance[:, 0], nn_index[:, 0]
     real_nn_distance = knn_distances(real, k=1, chunk_size=chunk_size)[0][:, 0]

@@ -278,6 +278,19 @@ class DenseNetTiny(DenseNet):
     stem: str = "small"
 
 
+# The hyperparameters a config spells out for every DenseNet (configs/classifier.py fills them
+# from the named class's defaults; cxrjax.train.classifier.make_model reads them back).
+FIELDS = (
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression",
+    "dropout_rate",
+    "stem",
+    "remat",
+)
+
 MODELS = {
     "densenet121": DenseNet121,
     "densenet169": DenseNet169,

@@ -25,12 +25,10 @@ expects. This module imports no data stack.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from cxrjax import parallel
 from cxrjax.models import encoder as encoder_lib
@@ -41,15 +39,7 @@ from cxrjax.train import state as state_lib
 FEATURE_LAYER = ("block_4x4", "dense0")
 
 
-@struct.dataclass
-class EncoderState:
-    """Everything an encoder run needs to continue exactly (the frozen G/D live elsewhere)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
-    nonfinite_steps: jax.Array
+EncoderState = state_lib.EncoderState  # defined with the other train states
 
 
 def make_encoder(encoder_config, latent_dim: int) -> encoder_lib.Encoder:

@@ -23,17 +23,15 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from cxrjax import anomaly, features, parallel
-from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax.data import builders, mixing, pipeline
-from cxrjax.metrics import writer as writer_lib
 from cxrjax.models import encoder as encoder_lib
 from cxrjax.train import anomaly as anomaly_train
-from cxrjax.train import loop, optim
+from cxrjax.train import job as job_lib
+from cxrjax.train import optim
 from cxrjax.train import results as results_lib
 from cxrjax.train import workdir as workdir_lib
 
@@ -61,8 +59,8 @@ RULES = (
 def validate(config) -> None:
     """Every field the run relies on, checked before any file, data read or compile."""
     config_lib.check_fields(config, RULES)
+    # Types, ranges, choices of single fields: RULES above and config.RULES (one table).
     check = config_lib.check
-    config_lib.check_choice(config, "method", anomaly.METHODS)
     check(
         isinstance(config.generator_workdir, str) and bool(config.generator_workdir),
         "generator_workdir",
@@ -73,32 +71,7 @@ def validate(config) -> None:
         "data.normal_class",
         "must name the normal class (every other class counts as abnormal)",
     )
-    config_lib.check_choice(config, "encoder.output", encoder_lib.OUTPUTS)
-    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
     pipeline.check_bad_records(config)
-    config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
-    config_lib.check_choice(config, "ddpm.metric", anomaly.METRICS)
-    for field in (
-        "encoder.base_features",
-        "encoder.max_features",
-        "train.global_batch_size",
-        "train.num_steps",
-        "train.log_every",
-        "eval.batch_size",
-        "ddpm.t_star",
-        "ddpm.steps",
-    ):
-        config_lib.check_positive(config, field)
-    for field in (
-        "train.checkpoint_every",
-        "data.num_workers",
-        "eval.bootstrap",
-        "eval.num_examples",
-        "fanogan.kappa",
-        "ddpm.guidance",
-    ):
-        config_lib.check_positive(config, field, allow_zero=True)
-    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
     smallest = min((*config.ddpm.t_star_grid, config.ddpm.t_star))
     check(
         config.ddpm.steps <= smallest + 1,
@@ -118,10 +91,7 @@ def validate(config) -> None:
         "eval.primary",
         "'features' needs config.eval.features (a cxr:<classifier workdir> spec)",
     )
-    try:
-        optim.validate(config.optim)
-    except ValueError as error:
-        raise config_lib.ConfigError(f"config.{error}") from None
+    optim.validate(config.optim)
 
 
 def check_generator(config):
@@ -193,6 +163,130 @@ def data_options(config, run_config) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+# Fields outside the encoder run's config hash (scoring settings do not change the training).
+HASH_IGNORE = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "data.num_workers",
+    "eval",
+    "ddpm",
+    *pipeline.POLICY_FIELDS,
+)
+
+
+class AnomalyJob(job_lib.Job):
+    """The anomaly family: f-AnoGAN trains an encoder (a plan with state), the DDPM method
+    only scores (a plan without); both score val and test in `finish`."""
+
+    name = "anomaly"
+    hash_ignore = HASH_IGNORE
+
+    validate = staticmethod(validate)
+
+    def prepare(self, config, mesh) -> None:
+        check_generator(config)
+        if config.eval.features:
+            try:  # the classifier workdir of cxr:, before any compute
+                features.check_spec(config.eval.features)
+            except FileNotFoundError as error:
+                raise config_lib.ConfigError(f"config.eval.features: {error}") from None
+        parallel.check_global_batch(int(config.eval.batch_size), mesh, "eval batch")
+        if config.method == "fanogan":
+            parallel.check_global_batch(int(config.train.global_batch_size), mesh)
+
+    def build(self, config, workdir: str, mesh) -> job_lib.Plan:
+        name, options = data_options(config, check_generator(config))
+        builders.prepare(name, **options)
+        splits, spec = {}, None
+        for role in ("train", "val", "test"):
+            splits[role], spec = builders.load(name, config.data[f"{role}_split"], **options)
+        normal_class = config.data.normal_class
+        anomaly.check_normal_class(spec, normal_class)
+        kind = GENERATOR_KIND[config.method]
+        run = anomaly.load_generator_run(config.generator_workdir, kind, mesh)
+        generator = run.modules["generator" if run.kind == "pggan" else "model"]
+        normal_label = anomaly.class_label(
+            normal_class, run.spec.class_names, generator.num_classes > 0
+        )
+        if config.method == "fanogan":
+            plan = encoder_plan(config, run, splits["train"], spec, mesh, normal_label)
+        else:
+            plan = job_lib.Plan(init_fn=None)
+        # The extractor is restored once and shared by every scorer (each t* of a grid).
+        extractor = features.make_extractor(config.eval.features) if config.eval.features else ""
+        plan.extra.update(run=run, splits=splits, spec=spec, extractor=extractor)
+        return plan
+
+    def finish(self, config, plan: job_lib.Plan, ended: job_lib.Ended) -> dict[str, Any]:
+        run, splits, spec = (plan.extra[k] for k in ("run", "splits", "spec"))
+        mesh = ended.mesh
+        normal_class = config.data.normal_class
+        space = {"spec": plan.extra["extractor"], "primary": config.eval.primary, "mesh": mesh}
+        extra: dict[str, Any] = {}
+        selection = None
+        if config.method == "fanogan":
+            scorer = anomaly.FAnoGANScorer(
+                run,
+                plan.extra["encoder"],
+                ended.state.params,
+                normal_class=normal_class,
+                kappa=config.fanogan.kappa,
+                mesh=mesh,
+                extra_info={"encoder_workdir": ended.workdir, "encoder_step": int(ended.step)},
+            )
+            scorer = anomaly.with_features(scorer, **space)
+            extra["training"] = encoder_summary(config, plan, ended)
+        else:
+
+            def ddpm_scorer(t_star):
+                scorer = anomaly.DDPMScorer(
+                    run,
+                    normal_class=normal_class,
+                    seed=int(config.seed),
+                    mesh=mesh,
+                    t_star=int(t_star),
+                    **{k: config.ddpm[k] for k in ("steps", "metric", "eta", "guidance")},
+                )
+                return anomaly.with_features(scorer, **space)
+
+            grid = [int(t) for t in config.ddpm.t_star_grid]
+            scorer = None if grid else ddpm_scorer(config.ddpm.t_star)
+            if grid:  # t* from validation only; test is scored once, at the chosen t*
+                selection = anomaly.select_on_validation(
+                    {t: functools.partial(ddpm_scorer, t) for t in grid},
+                    splits["val"],
+                    spec,
+                    normal_class,
+                    name="t_star",
+                    batch_size=int(config.eval.batch_size),
+                    mesh=mesh,
+                    num_workers=int(config.data.num_workers),
+                )
+            # The t* used for test (chosen on validation when there is a grid) and the grid.
+            extra["t_star"] = int(selection.chosen if grid else config.ddpm.t_star)
+            extra["t_star_grid"] = grid
+        return anomaly.evaluate(
+            scorer,
+            {"val": splits["val"], "test": splits["test"]},
+            spec,
+            normal_class,
+            ended.workdir,
+            batch_size=int(config.eval.batch_size),
+            threshold=config.eval.threshold,
+            n_bootstrap=int(config.eval.bootstrap),
+            level=float(config.eval.confidence),
+            seed=int(config.seed),
+            num_examples=int(config.eval.num_examples),
+            num_workers=int(config.data.num_workers),
+            mesh=mesh,
+            extra={"config": config_lib.to_dict(config), **extra},
+            selection=selection,
+        )
+
+
+JOB = AnomalyJob()
+
+
 def train_and_evaluate(
     config, workdir: str, *, stop_at: int | None = None, **workdir_options
 ) -> dict[str, Any]:
@@ -201,111 +295,73 @@ def train_and_evaluate(
     Re-running on the same workdir resumes training exactly, or returns the saved results of a
     finished run; a workdir of another config is refused before anything is written
     (`workdir.check`; `workdir_options`: overwrite, force_resume). `stop_at` stops training
-    after that step with a checkpoint.
+    after that step with a checkpoint. See `cxrjax.train.job`.
     """
-    clock = results_lib.Clock()
-    validate(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    decision = workdir_lib.prepare(config, workdir, **workdir_options)
-    if decision.finished:
-        return decision.results
-    run_config = check_generator(config)
-    if config.eval.features:
-        try:  # the classifier workdir of cxr:, before any compute
-            features.check_spec(config.eval.features)
-        except FileNotFoundError as error:
-            raise config_lib.ConfigError(f"config.eval.features: {error}") from None
-    mesh = parallel.make_mesh()
-    parallel.check_global_batch(int(config.eval.batch_size), mesh, "eval batch")
-    if config.method == "fanogan":
-        parallel.check_global_batch(int(config.train.global_batch_size), mesh)
+    return job_lib.train(JOB, config, workdir, stop_at=stop_at, **workdir_options)
 
-    name, options = data_options(config, run_config)
-    builders.prepare(name, **options)
-    splits, spec = {}, None
-    for role in ("train", "val", "test"):
-        splits[role], spec = builders.load(name, config.data[f"{role}_split"], **options)
+
+def encoder_plan(config, run, train_source, spec, mesh, normal_label) -> job_lib.Plan:
+    """The f-AnoGAN encoder's training on the normal training images (izi_f loss)."""
+    generator = run.modules["generator"]
+    discriminator = run.modules["discriminator"]
+    resolution = run.resolution
+    encoder = anomaly_train.make_encoder(config.encoder, generator.latent_dim)
+    num_steps = int(config.train.num_steps)
+    batch_size = int(config.train.global_batch_size)
+    tx, lr_schedule = optim.make_optimizer(config.optim, num_steps)
+    init_fn = functools.partial(
+        anomaly_train.init_state, encoder, tx, image_shape=(resolution, resolution, 1)
+    )
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(int(config.seed)))
+    step_fn = anomaly_train.make_train_step(
+        encoder,
+        generator,
+        discriminator,
+        tx,
+        resolution=resolution,
+        kappa=float(config.fanogan.kappa),
+        normal_label=normal_label,
+        lr_schedule=lr_schedule,
+    )
+    train_step = anomaly_train.compile_train_step(step_fn, mesh, abstract, run.params)
     normal_class = config.data.normal_class
-    anomaly.check_normal_class(spec, normal_class)
-    run = anomaly.load_generator_run(config.generator_workdir, GENERATOR_KIND[config.method], mesh)
-    generator = run.modules["generator" if run.kind == "pggan" else "model"]
-    normal_label = anomaly.class_label(
-        normal_class, run.spec.class_names, generator.num_classes > 0
-    )
-    extra: dict[str, Any] = {}
-    # The extractor is restored once and shared by every scorer (each t* of a grid).
-    extractor = features.make_extractor(config.eval.features) if config.eval.features else ""
-    space = {"spec": extractor, "primary": config.eval.primary, "mesh": mesh}
-    selection = None
-    if config.method == "fanogan":
-        trained = train_encoder(
-            config, workdir, run, splits["train"], spec, mesh, normal_label, stop_at=stop_at,
-            decision=decision, clock=clock,
-        )  # fmt: skip
-        if not trained["finished"]:
-            return {k: trained[k] for k in ("finished", "step", "preempted")}
-        scorer = anomaly.FAnoGANScorer(
-            run,
-            trained["encoder"],
-            trained["state"].params,
-            normal_class=normal_class,
-            kappa=config.fanogan.kappa,
-            mesh=mesh,
-            extra_info={"encoder_workdir": workdir, "encoder_step": trained["step"]},
+    normals = mixing.class_indices(mixing.read_labels(train_source), normal_class, spec.class_names)
+    if len(normals) < batch_size:
+        raise config_lib.ConfigError(
+            f"config.train.global_batch_size: {batch_size} exceeds the {len(normals)} "
+            f"{normal_class!r} training images"
         )
-        scorer = anomaly.with_features(scorer, **space)
-        extra["training"] = trained["summary"]
-    else:
-        decision.record(config)
-
-        def ddpm_scorer(t_star):
-            scorer = anomaly.DDPMScorer(
-                run,
-                normal_class=normal_class,
-                seed=int(config.seed),
-                mesh=mesh,
-                t_star=int(t_star),
-                **{k: config.ddpm[k] for k in ("steps", "metric", "eta", "guidance")},
-            )
-            return anomaly.with_features(scorer, **space)
-
-        grid = [int(t) for t in config.ddpm.t_star_grid]
-        scorer = None if grid else ddpm_scorer(config.ddpm.t_star)
-        if grid:  # t* from validation only; test is scored once, at the chosen t*
-            selection = anomaly.select_on_validation(
-                {t: functools.partial(ddpm_scorer, t) for t in grid},
-                splits["val"],
-                spec,
-                normal_class,
-                name="t_star",
-                batch_size=int(config.eval.batch_size),
-                mesh=mesh,
-                num_workers=int(config.data.num_workers),
-            )
-        # The t* used for test (chosen on validation when there is a grid) and the grid.
-        extra["t_star"] = int(selection.chosen if grid else config.ddpm.t_star)
-        extra["t_star_grid"] = grid
-    results = anomaly.evaluate(
-        scorer,
-        {"val": splits["val"], "test": splits["test"]},
-        spec,
-        normal_class,
-        workdir,
-        batch_size=int(config.eval.batch_size),
-        threshold=config.eval.threshold,
-        n_bootstrap=int(config.eval.bootstrap),
-        level=float(config.eval.confidence),
-        seed=int(config.seed),
-        num_examples=int(config.eval.num_examples),
-        num_workers=int(config.data.num_workers),
-        mesh=mesh,
-        extra={"config": config_lib.to_dict(config), **extra},
-        selection=selection,
+    normal_source = mixing.Part(train_source, name=normal_class, indices=normals)
+    train_iter = job_lib.train_iterator(config, normal_source, spec, resolution=resolution)
+    return job_lib.Plan(
+        init_fn=init_fn,
+        batches=train_iter,
+        train_step=train_step,
+        signature={
+            "dataset": f"{spec.name}:{normal_class}",
+            "train_records": int(len(normals)),
+            "generator": f"{run.workdir}@{run.step}",
+        },
+        abstract=abstract,
+        extra={"encoder": encoder, "normal_train_records": int(len(normals))},
     )
-    results["wall_time_s"] = clock.total()
-    if parallel.is_main_process():
-        results_lib.save_results(os.path.join(workdir, "results.json"), results)
-    return results
+
+
+def encoder_summary(config, plan: job_lib.Plan, ended: job_lib.Ended) -> dict[str, Any]:
+    """results.json's "training" block: steps, losses and the encoder's size."""
+    losses = {str(int(r["step"])): r["train/loss"] for r in ended.history if "train/loss" in r}
+    return {
+        "num_steps": int(config.train.num_steps),
+        "start_step": int(ended.start_step),
+        "final_step": int(ended.step),
+        "global_batch_size": int(config.train.global_batch_size),
+        "normal_train_records": plan.extra["normal_train_records"],
+        "encoder_params": int(sum(x.size for x in jax.tree.leaves(plan.abstract.params))),
+        "nonfinite_steps": int(jax.device_get(ended.state.nonfinite_steps)),
+        "losses": losses,
+        "final_loss": losses[max(losses, key=int)] if losses else None,
+        "history": ended.history,
+    }
 
 
 def train_encoder(
@@ -321,133 +377,20 @@ def train_encoder(
     decision=None,
     clock=None,
 ) -> dict[str, Any]:
-    """Encoder training on the normal training images; {"finished", "state", "step", ...}.
+    """Encoder training alone (no scoring); {"finished", "state", "step", "summary", ...}.
 
     `decision`: the workdir check's outcome (default: checked here); `clock`: the run's."""
     decision = decision or workdir_lib.check(config, workdir)
     clock = clock or results_lib.Clock()
-    generator = run.modules["generator"]
-    discriminator = run.modules["discriminator"]
-    resolution = run.resolution
-    encoder = anomaly_train.make_encoder(config.encoder, generator.latent_dim)
-    num_steps = int(config.train.num_steps)
-    batch_size = int(config.train.global_batch_size)
-    tx, lr_schedule = optim.make_optimizer(config.optim, num_steps)
-    rng = jax.random.PRNGKey(int(config.seed))
-    init_fn = functools.partial(
-        anomaly_train.init_state, encoder, tx, image_shape=(resolution, resolution, 1)
-    )
-    abstract = jax.eval_shape(init_fn, rng)
-    replicated = parallel.replicated(mesh)
-    step_fn = anomaly_train.make_train_step(
-        encoder,
-        generator,
-        discriminator,
-        tx,
-        resolution=resolution,
-        kappa=float(config.fanogan.kappa),
-        normal_label=normal_label,
-        lr_schedule=lr_schedule,
-    )
-    train_step = anomaly_train.compile_train_step(step_fn, mesh, abstract, run.params)
-
-    normal_class = config.data.normal_class
-    normals = mixing.class_indices(mixing.read_labels(train_source), normal_class, spec.class_names)
-    if len(normals) < batch_size:
-        raise config_lib.ConfigError(
-            f"config.train.global_batch_size: {batch_size} exceeds the {len(normals)} "
-            f"{normal_class!r} training images"
-        )
-    train_iter = pipeline.make_train_iterator(
-        mixing.Part(train_source, name=normal_class, indices=normals),
-        spec,
-        global_batch_size=batch_size,
-        seed=int(config.seed),
-        resolution=resolution,
-        augment=config.data.augment,
-        normalization="generator",
-        num_workers=int(config.data.num_workers),
-        **pipeline.bad_record_options(config.data),
-    )
-    signature = {
-        "config_hash": config_lib.config_hash(
-            decision.hash_config(config),
-            ignore=(
-                "train.log_every",
-                "train.checkpoint_every",
-                "data.num_workers",
-                "eval",
-                "ddpm",
-                *pipeline.POLICY_FIELDS,
-            ),
-        ),
-        "global_batch_size": batch_size,
-        "dataset": f"{spec.name}:{normal_class}",
-        "train_records": int(len(normals)),
-        "generator": f"{run.workdir}@{run.step}",
-    }
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
-    )
-    with checkpoint_lib.closing_on_error(checkpointer):
-        state, start_step = checkpoint_lib.restore_or_init(
-            checkpointer,
-            checkpoint_lib.abstract_like(abstract, replicated),
-            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
-            train_iter,
-            signature,
-            ignore=decision.signature_ignore,
-        )
-        clock.resume(checkpointer.restored_meta)
-        decision.record(config)  # the run is accepted: now its config.json is (re)written
-    writer = writer_lib.MetricWriter(
-        workdir, enabled=parallel.is_main_process(), resume_step=start_step
-    )
-    try:
-        outcome = loop.run(
-            state=state,
-            train_step=train_step,
-            batches=train_iter,
-            mesh=mesh,
-            # A host copy: the state (and its rng leaf) is donated to the first step.
-            rng=parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh),
-            start_step=start_step,
-            num_steps=num_steps,
-            images_per_step=batch_size,
-            checkpointer=checkpointer,
-            writer=writer,
-            log_every=int(config.train.log_every),
-            checkpoint_every=int(config.train.checkpoint_every),
-            metadata={"signature": signature},
-            nonfinite=config.train.nonfinite,
-            max_bad_fraction=pipeline.max_bad_fraction(config.data),
-            label="train",
-            stop_at=stop_at,
-            clock=clock,
-        )
-    finally:
-        writer.close()
-        checkpointer.close()
-    finished = not outcome.preempted and outcome.step >= num_steps
-    history = writer_lib.read_history(workdir) or outcome.history  # every session, per step
-    losses = {str(int(r["step"])): r["train/loss"] for r in history if "train/loss" in r}
-    summary = {
-        "num_steps": num_steps,
-        "start_step": int(start_step),
-        "final_step": int(outcome.step),
-        "global_batch_size": batch_size,
-        "normal_train_records": int(len(normals)),
-        "encoder_params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
-        "nonfinite_steps": int(jax.device_get(outcome.state.nonfinite_steps)),
-        "losses": losses,
-        "final_loss": losses[max(losses, key=int)] if losses else None,
-        "history": history,
-    }
-    return {
-        "finished": finished,
-        "preempted": outcome.preempted,
-        "step": int(outcome.step),
-        "state": outcome.state,
-        "encoder": encoder,
-        "summary": summary,
-    }
+    plan = encoder_plan(config, run, train_source, spec, mesh, normal_label)
+    with job_lib.fit(
+        JOB, config, workdir, plan, mesh=mesh, decision=decision, clock=clock, stop_at=stop_at
+    ) as ended:
+        return {
+            "finished": ended.finished,
+            "preempted": ended.preempted,
+            "step": int(ended.step),
+            "state": ended.state,
+            "encoder": plan.extra["encoder"],
+            "summary": encoder_summary(config, plan, ended),
+        }

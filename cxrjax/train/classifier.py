@@ -23,17 +23,8 @@ from cxrjax.models import densenet
 from cxrjax.train import optim
 from cxrjax.train import state as state_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MODEL_FIELDS = (
-    "growth_rate",
-    "block_config",
-    "num_init_features",
-    "bn_size",
-    "compression",
-    "dropout_rate",
-    "stem",
-    "remat",
-)
+DTYPES = state_lib.DTYPES
+MODEL_FIELDS = densenet.FIELDS
 
 
 # ----------------------------------------------------------------------------- model & loss
@@ -58,7 +49,9 @@ def class_weights(spec: sources.DatasetSpec, labels: np.ndarray, mode: str) -> n
     """
     num = spec.num_classes
     if mode not in WEIGHTINGS:
-        raise ValueError(f"class weighting must be one of {WEIGHTINGS}, got {mode!r}")
+        raise config_lib.ConfigError(
+            f"config.loss.class_weighting: must be one of {WEIGHTINGS}, got {mode!r}"
+        )
     if mode == "none":
         return np.ones(num, np.float32)
     if spec.label_kind == sources.MULTILABEL:

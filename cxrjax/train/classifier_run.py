@@ -8,7 +8,6 @@ metrics, and writes the results.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,26 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import chexnet, fileio, parallel, report
 from cxrjax import config as config_lib
 from cxrjax.data import builders, mixing, pipeline, sources
 from cxrjax.metrics import calibration
 from cxrjax.metrics import classification as cls_metrics
-from cxrjax.metrics import writer as writer_lib
-from cxrjax.models import densenet
 from cxrjax.train import classifier as classifier_lib
-from cxrjax.train import loop, optim
+from cxrjax.train import job as job_lib
+from cxrjax.train import loop, optim, runs
 from cxrjax.train import results as results_lib
-from cxrjax.train import workdir as workdir_lib
 from cxrjax.train.classifier import (
-    DTYPES,
     class_weights,
     compile_steps,
     init_state,
     make_loss_fn,
     make_model,
 )
+from cxrjax.train.classifier_checks import RULES, validate  # noqa: F401 (public names)
 
 
 def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
@@ -69,102 +65,9 @@ def predict_split(predict, state, batches, mesh) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- driver
-# Choices this driver owns, on top of config.RULES (types, ranges, finiteness of every field).
-RULES = (
-    ("data.name", config_lib.choice(*builders.BUILDERS)),
-    ("model.name", config_lib.choice(*densenet.MODELS)),
-    ("model.stem", config_lib.choice(*densenet.STEMS)),
-    ("model.dtype", config_lib.choice(*DTYPES)),
-    *optim.RULES,
-)
-
-
-def validate(config) -> None:
-    """Every field the run relies on, checked before any data read or compile."""
-    config_lib.check_fields(config, RULES)
-    check = config_lib.check
-    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
-    config_lib.check_choice(config, "model.name", tuple(densenet.MODELS))
-    config_lib.check_choice(config, "model.stem", densenet.STEMS)
-    config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
-    config_lib.check_choice(config, "loss.class_weighting", classifier_lib.WEIGHTINGS)
-    config_lib.check_choice(config, "train.select", ("best", "last"))
-    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
-    pipeline.check_bad_records(config)
-    config_lib.check_choice(config, "eval.threshold", ("youden", "f1"))
-    for field in (
-        "data.resolution",
-        "train.global_batch_size",
-        "train.num_steps",
-        "train.log_every",
-        "eval.batch_size",
-        "data.std",
-    ):
-        config_lib.check_positive(config, field)
-    for field in (
-        "train.eval_every",
-        "train.checkpoint_every",
-        "data.num_workers",
-        "eval.bootstrap",
-    ):
-        config_lib.check_positive(config, field, allow_zero=True)
-    check(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
-    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
-    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
-    check(len(config.model.block_config) >= 1, "model.block_config", "needs at least one block")
-    for role in ("train", "val"):
-        # By construction, the test split never trains a model nor picks a checkpoint or a
-        # threshold: those read only data.train_split and data.val_split.
-        check(
-            config.data[f"{role}_split"] != config.data.test_split,
-            f"data.{role}_split",
-            f"must differ from data.test_split ({config.data.test_split!r})",
-        )
-    mixing.check_subset_options(config.data)
-    synthetic = config.data.get("synthetic")
-    if synthetic is not None and synthetic.manual_dir:
-        check(
-            os.path.isdir(os.path.expanduser(synthetic.manual_dir)),
-            "data.synthetic.manual_dir",
-            f"{synthetic.manual_dir!r} is not a directory",
-        )
-        check(synthetic.count >= 0, "data.synthetic.count", "must be >= 0")
-        check(0.0 <= synthetic.fraction < 1.0, "data.synthetic.fraction", "must be in [0, 1)")
-        check(
-            not (synthetic.count and synthetic.fraction),
-            "data.synthetic.count",
-            "give data.synthetic.count or data.synthetic.fraction, not both",
-        )
-    check(
-        config.train.select == "last" or config.train.eval_every > 0,
-        "train.select",
-        "'best' needs train.eval_every > 0 (validation AUC picks the checkpoint)",
-    )
-    if config.model.pretrained:
-        check(
-            os.path.exists(os.path.expanduser(config.model.pretrained)),
-            "model.pretrained",
-            f"weights file {config.model.pretrained!r} does not exist",
-        )
-    optim.validate(config.optim)
-    classifier_lib.check_recipe(config)
-
-
-def _dataset_options(data) -> dict[str, Any]:
-    options = {
-        "data_dir": data.data_dir or None,
-        "manual_dir": data.manual_dir or None,
-        "resolution": data.resolution,
-        "skip_corrupt": data.skip_corrupt,
-    }
-    if data.labels:
-        options["labels"] = data.labels
-    return options
-
-
 def load_splits(data) -> tuple[dict[str, Any], sources.DatasetSpec]:
     """Prepares (idempotently) and opens the train/val/test splits of the configured dataset."""
-    options = _dataset_options(data)
+    options = runs.dataset_options(data)
     builders.prepare(data.name, **options)
     splits, spec = {}, None
     for role in ("train", "val", "test"):
@@ -303,52 +206,9 @@ def headline_auc(result: Mapping[str, Any]) -> float:
     return float(result["macro"]["auc"])
 
 
-def train_and_evaluate(
-    config, workdir: str, *, stop_at: int | None = None, **workdir_options
-) -> dict[str, Any]:
-    """Trains, picks the checkpoint on validation, evaluates test once; writes results.json.
-
-    Re-running on the same workdir resumes an interrupted run, and returns the saved results
-    of a finished one without touching the test split again; a workdir of another config is
-    refused before anything is written (`workdir.check`; `workdir_options`: overwrite,
-    force_resume).
-    """
-    clock = results_lib.Clock()
-    validate(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    results_path = os.path.join(workdir, "results.json")
-    decision = workdir_lib.prepare(config, workdir, **workdir_options)
-    if decision.finished:
-        return decision.results
-    mesh = parallel.make_mesh()
-    parallel.check_global_batch(config.train.global_batch_size, mesh)
-    parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
-
-    splits, spec = load_splits(config.data)
-    train_source, train_labels, training_data, dataset_suffix = training_source(
-        config, splits, spec
-    )
-    logging.info("training on %s", train_source)
-    weights = class_weights(spec, train_labels, config.loss.class_weighting)
-    model = make_model(config.model, spec.num_classes)
-    num_steps = int(config.train.num_steps)
-    tx, schedule = optim.make_optimizer(config.optim, num_steps)
-    resolution = int(config.data.resolution)
-    image_shape = (resolution, resolution, 1)
-    use_ema = config.optim.ema_decay > 0
-    rng = jax.random.PRNGKey(config.seed)
-    init_fn = functools.partial(init_state, model, tx, image_shape=image_shape, use_ema=use_ema)
-    if config.model.pretrained:
-        from cxrjax.models import torch_import
-
-        # Concrete (not eval_shape's): a head that does not fit (ImageNet's 1000) keeps its init.
-        init_vars = model.init(rng, jnp.zeros((1, *image_shape)), train=False)
-        variables = torch_import.load_pretrained(config.model.pretrained, init_vars)
-        init_fn = functools.partial(init_fn, variables=variables)
-    abstract = jax.eval_shape(init_fn, rng)
-    replicated = parallel.replicated(mesh)
-    loss_fn = make_loss_fn(spec, weights, config.loss.label_smoothing)
-    train_step, predict = compile_steps(
+def _compile(config, spec, model, tx, schedule, mesh, abstract, loss_fn):
+    """(train_step, predict) compiled over `mesh` for this config's EMA and label kind."""
+    return compile_steps(
         model,
         tx,
         loss_fn,
@@ -358,116 +218,122 @@ def train_and_evaluate(
         ema_decay=config.optim.ema_decay,
         label_kind=spec.label_kind,
     )
-    normalization = (float(config.data.mean), float(config.data.std))
-    train_iter = pipeline.make_train_iterator(
-        train_source,
-        spec,
-        global_batch_size=config.train.global_batch_size,
-        seed=config.seed,
-        resolution=resolution,
-        augment=config.data.augment,
-        normalization=normalization,
-        balanced=config.data.balanced,
-        labels=train_labels,
-        num_workers=config.data.num_workers,
-        **pipeline.bad_record_options(config.data),
-    )
 
-    def eval_batches(split):
-        return pipeline.make_eval_dataset(
-            splits[split],
+
+class ClassifierJob(job_lib.Job):
+    """The DenseNet family: val AUC picks the checkpoint, test is read once at the end."""
+
+    name = "classifier"
+    hash_ignore = HASH_IGNORE
+
+    validate = staticmethod(validate)
+
+    def prepare(self, config, mesh) -> None:
+        parallel.check_global_batch(config.train.global_batch_size, mesh)
+        parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
+
+    def build(self, config, workdir: str, mesh) -> job_lib.Plan:
+        splits, spec = load_splits(config.data)
+        train_source, train_labels, training_data, dataset_suffix = training_source(
+            config, splits, spec
+        )
+        logging.info("training on %s", train_source)
+        weights = class_weights(spec, train_labels, config.loss.class_weighting)
+        model = make_model(config.model, spec.num_classes)
+        num_steps = int(config.train.num_steps)
+        tx, schedule = optim.make_optimizer(config.optim, num_steps)
+        resolution = int(config.data.resolution)
+        image_shape = (resolution, resolution, 1)
+        use_ema = config.optim.ema_decay > 0
+        rng = jax.random.PRNGKey(config.seed)
+        init_fn = functools.partial(init_state, model, tx, image_shape=image_shape, use_ema=use_ema)
+        if config.model.pretrained:
+            from cxrjax.models import torch_import
+
+            # Concrete (not eval_shape's): a head that does not fit (ImageNet's) keeps its init.
+            init_vars = model.init(rng, jnp.zeros((1, *image_shape)), train=False)
+            variables = torch_import.load_pretrained(config.model.pretrained, init_vars)
+            init_fn = functools.partial(init_fn, variables=variables)
+        abstract = jax.eval_shape(init_fn, rng)
+        replicated = parallel.replicated(mesh)
+        loss_fn = make_loss_fn(spec, weights, config.loss.label_smoothing)
+        train_step, predict = _compile(config, spec, model, tx, schedule, mesh, abstract, loss_fn)
+        normalization = (float(config.data.mean), float(config.data.std))
+        train_iter = job_lib.train_iterator(
+            config,
+            train_source,
             spec,
-            global_batch_size=config.eval.batch_size,
             resolution=resolution,
             normalization=normalization,
-            num_workers=config.data.num_workers,
+            labels=train_labels,
         )
 
-    plateau = classifier_lib.ValPlateau(config, spec, weights, replicated, train_step)
+        def eval_batches(split):
+            return pipeline.make_eval_dataset(
+                splits[split],
+                spec,
+                global_batch_size=config.eval.batch_size,
+                resolution=resolution,
+                normalization=normalization,
+                num_workers=config.data.num_workers,
+            )
 
-    def eval_fn(state, step):
-        del step
-        out = predict_split(predict, state, eval_batches("val"), mesh)
-        result = cls_metrics.evaluate(
-            out["labels"], out["probs"], class_names=spec.class_names, n_bootstrap=0
-        )
-        return {"val/auc": headline_auc(result), **plateau.observe(out["labels"], out["probs"])}
+        plateau = classifier_lib.ValPlateau(config, spec, weights, replicated, train_step)
 
-    signature = {
-        "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
-        "global_batch_size": int(config.train.global_batch_size),
-        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
-        + dataset_suffix,
-        "train_records": len(train_source),
-    }
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.train.keep_checkpoints,
-        best_metric="val/auc" if config.train.eval_every else None,
-    )
-    abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
-    with checkpoint_lib.closing_on_error(checkpointer):
-        state, start_step = checkpoint_lib.restore_or_init(
-            checkpointer,
-            abstract_placed,
-            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
-            train_iter,
-            signature,
-            ignore=decision.signature_ignore,
-        )
-        clock.resume(checkpointer.restored_meta)
-        decision.record(config)  # the run is accepted: now its config.json is (re)written
-    plateau.resume(eval_fn, state, start_step)
-    writer = writer_lib.MetricWriter(
-        workdir, enabled=parallel.is_main_process(), resume_step=start_step
-    )
-    try:
-        outcome = loop.run(
-            state=state,
-            train_step=plateau.train_step,  # CheXNet's val_plateau, or train_step itself
+        def eval_fn(state, step):
+            del step
+            out = predict_split(predict, state, eval_batches("val"), mesh)
+            result = cls_metrics.evaluate(
+                out["labels"], out["probs"], class_names=spec.class_names, n_bootstrap=0
+            )
+            return {
+                "val/auc": headline_auc(result),
+                **plateau.observe(out["labels"], out["probs"]),
+            }
+
+        return job_lib.Plan(
+            init_fn=init_fn,
             batches=train_iter,
-            mesh=mesh,
-            # A host copy: the state (and its rng leaf) is donated to the first step.
-            rng=parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh),
-            start_step=start_step,
-            num_steps=num_steps,
-            images_per_step=config.train.global_batch_size,
-            checkpointer=checkpointer,
-            writer=writer,
-            log_every=config.train.log_every,
-            checkpoint_every=config.train.checkpoint_every,
-            eval_every=config.train.eval_every,
-            eval_fn=eval_fn if config.train.eval_every else None,
+            # CheXNet's val_plateau wraps the step, else it is train_step itself.
+            train_step=plateau.train_step,
+            signature={
+                "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
+                + dataset_suffix,
+                "train_records": len(train_source),
+            },
+            abstract=abstract,
+            eval_fn=eval_fn,
+            eval_every=int(config.train.eval_every),
             best_metric="val/auc",
-            metadata={"signature": signature},
-            nonfinite=config.train.nonfinite,
-            max_bad_fraction=pipeline.max_bad_fraction(config.data),
-            stop_at=stop_at,
-            clock=clock,
-        )
-        writer.flush()
-        if outcome.preempted or outcome.step < num_steps:
-            return {"finished": False, "step": outcome.step, "preempted": outcome.preempted}
-        state = outcome.state
-        selected_step = outcome.step
+            on_restore=lambda state, start_step: plateau.resume(eval_fn, state, start_step),
+            extra=dict(
+                spec=spec, splits=splits, predict=predict, eval_batches=eval_batches,
+                train_records=len(train_source), training_data=training_data,
+            ),
+        )  # fmt: skip
+
+    def finish(self, config, plan: job_lib.Plan, ended: job_lib.Ended) -> dict[str, Any]:
+        extra, state, checkpointer = plan.extra, ended.state, ended.checkpointer
+        selected_step = ended.step
         if config.train.select == "best" and checkpointer.best_step() is not None:
             selected_step = checkpointer.best_step()
-            if selected_step != outcome.step:
-                state, _ = checkpointer.restore(selected_step, abstract_placed)
-        results = final_evaluation(
+            if selected_step != ended.step:
+                state, _ = checkpointer.restore(selected_step, ended.abstract_placed)
+        training_data = extra["training_data"]
+        return final_evaluation(
             config,
-            spec,
-            predict,
+            extra["spec"],
+            extra["predict"],
             state,
-            eval_batches,
-            mesh,
-            workdir,
+            extra["eval_batches"],
+            ended.mesh,
+            ended.workdir,
             extra={
                 "selected_step": int(selected_step),
-                "num_steps": num_steps,
+                "num_steps": int(config.train.num_steps),
                 "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
-                "split_sizes": {role: len(src) for role, src in splits.items()},
-                "train_records": int(len(train_source)),
+                "split_sizes": {role: len(src) for role, src in extra["splits"].items()},
+                "train_records": int(extra["train_records"]),
                 "training_data": training_data,
                 # Which split each decision read: test only gives the final numbers.
                 "splits_used": {
@@ -479,16 +345,25 @@ def train_and_evaluate(
                     "reported": config.data.test_split,
                 },
                 # Every session's rows, one per step (metrics.jsonl), not only this session's.
-                "history": writer_lib.read_history(workdir) or outcome.history,
+                "history": ended.history,
             },
         )
-        results["wall_time_s"] = clock.total()
-        if parallel.is_main_process():
-            results_lib.save_results(results_path, results)
-        return results
-    finally:
-        writer.close()
-        checkpointer.close()
+
+
+JOB = ClassifierJob()
+
+
+def train_and_evaluate(
+    config, workdir: str, *, stop_at: int | None = None, **workdir_options
+) -> dict[str, Any]:
+    """Trains, picks the checkpoint on validation, evaluates test once; writes results.json.
+
+    Re-running on the same workdir resumes an interrupted run, and returns the saved results
+    of a finished one without touching the test split again; a workdir of another config is
+    refused before anything is written (`workdir.check`; `workdir_options`: overwrite,
+    force_resume). See `cxrjax.train.job`.
+    """
+    return job_lib.train(JOB, config, workdir, stop_at=stop_at, **workdir_options)
 
 
 def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, *, extra) -> dict:
@@ -540,13 +415,7 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
 
 def load_run_config(workdir: str):
     """The resolved config a run wrote at start (workdir/config.json) as a ConfigDict."""
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a train_classifier workdir")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return runs.read_config(workdir, "train_classifier")
 
 
 def evaluate_checkpoint(
@@ -560,48 +429,22 @@ def evaluate_checkpoint(
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = load_run_config(workdir)
     validate(config)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), best_metric="val/auc"
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
+    run = runs.load(workdir, step=step, mesh=mesh)
+    state, step, spec = run.state, run.step, run.spec
+    options = runs.dataset_options(config.data)
+    val_source, _ = builders.load(config.data.name, config.data.val_split, **options)
+    eval_source, _ = builders.load(config.data.name, split, **options)
+    model, tx, schedule, abstract = (
+        run.modules["model"],
+        run.parts.tx,
+        run.parts.schedule,
+        run.parts.abstract,
     )
-    try:
-        if step is None:
-            step = checkpointer.best_step() or checkpointer.latest_step()
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else step} in {checkpointer.directory} "
-                f"(available: {checkpointer.all_steps()})"
-            )
-        mesh = parallel.make_mesh()
-        parallel.check_global_batch(config.eval.batch_size, mesh, what="eval batch")
-        options = _dataset_options(config.data)
-        val_source, spec = builders.load(config.data.name, config.data.val_split, **options)
-        eval_source, _ = builders.load(config.data.name, split, **options)
-        model = make_model(config.model, spec.num_classes)
-        tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
-        resolution = int(config.data.resolution)
-        init_fn = functools.partial(
-            init_state,
-            model,
-            tx,
-            image_shape=(resolution, resolution, 1),
-            use_ema=config.optim.ema_decay > 0,
-        )
-        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        state, _ = checkpointer.restore(
-            step, checkpoint_lib.abstract_like(abstract, parallel.replicated(mesh))
-        )
-    finally:
-        checkpointer.close()
-    _, predict = compile_steps(
-        model,
-        tx,
-        make_loss_fn(spec, np.ones(spec.num_classes)),
-        schedule,
-        mesh,
-        abstract,
-        ema_decay=config.optim.ema_decay,
-        label_kind=spec.label_kind,
-    )
+    resolution = int(config.data.resolution)
+    loss_fn = make_loss_fn(spec, np.ones(spec.num_classes))
+    _, predict = _compile(config, spec, model, tx, schedule, mesh, abstract, loss_fn)
     normalization = (float(config.data.mean), float(config.data.std))
 
     def batches(source):

@@ -19,14 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from cxrjax import diffusion, parallel
 from cxrjax.models import unet
 from cxrjax.train import optim
 from cxrjax.train import state as state_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = state_lib.DTYPES
 MODELS = {
     "unet_tiny": unet.unet_tiny,
     "unet_demo28": unet.unet_demo28,
@@ -39,21 +38,7 @@ NOISE_SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 
 
-@struct.dataclass
-class DiffusionState:
-    """Everything a DDPM run needs to continue exactly where it stopped.
-
-    `rng` is the run's base key; the loop passes `fold_in(rng, step)` to each step, so the
-    randomness (timesteps, noise, label drops, dropout) depends only on (seed, step).
-    `nonfinite_steps` counts updates skipped because the loss or gradient was NaN/Inf.
-    """
-
-    step: jax.Array
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    rng: jax.Array
-    nonfinite_steps: jax.Array
+DiffusionState = state_lib.DiffusionState  # defined with the other train states
 
 
 # ----------------------------------------------------------------------------- model & schedule

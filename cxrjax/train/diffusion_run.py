@@ -15,14 +15,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import parallel, report
 from cxrjax.data import builders, mixing, pipeline, sources
-from cxrjax.metrics import writer as writer_lib
-from cxrjax.train import loop, optim
+from cxrjax.train import job as job_lib
+from cxrjax.train import optim, runs
 from cxrjax.train import results as results_lib
-from cxrjax.train import workdir as workdir_lib
 from cxrjax.train.diffusion import (
     DTYPES,
     MODELS,
@@ -60,31 +58,9 @@ RULES = (
 def validate(config) -> None:
     """Every field the run relies on, checked before any data read or compile."""
     config_lib.check_fields(config, RULES)
+    # Types, ranges, choices of single fields: RULES above and config.RULES (one table).
     check = config_lib.check
-    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
-    config_lib.check_choice(config, "model.name", tuple(MODELS))
-    config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
-    config_lib.check_choice(config, "diffusion.schedule", NOISE_SCHEDULES)
-    config_lib.check_choice(config, "diffusion.prediction", PREDICTIONS)
-    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
     pipeline.check_bad_records(config)
-    for field in (
-        "data.resolution",
-        "diffusion.num_timesteps",
-        "train.global_batch_size",
-        "train.num_steps",
-        "train.log_every",
-        "sample.steps",
-        "sample.per_class",
-    ):
-        config_lib.check_positive(config, field)
-    for field in (
-        "train.checkpoint_every",
-        "train.sample_every",
-        "data.num_workers",
-        "sample.guidance_scale",
-    ):
-        config_lib.check_positive(config, field, allow_zero=True)
     check(
         0.0 < config.diffusion.beta_start < config.diffusion.beta_end < 1.0,
         "diffusion.beta_start",
@@ -95,7 +71,6 @@ def validate(config) -> None:
         "diffusion.label_dropout",
         "must be in [0, 1)",
     )
-    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     mixing.check_subset_options(config.data)
     check(
         config.sample.steps <= config.diffusion.num_timesteps,
@@ -116,25 +91,13 @@ def validate(config) -> None:
     optim.validate(config.optim)
 
 
-def _dataset_options(data) -> dict[str, Any]:
-    options = {
-        "data_dir": data.data_dir or None,
-        "manual_dir": data.manual_dir or None,
-        "resolution": data.resolution,
-        "skip_corrupt": data.skip_corrupt,
-    }
-    if data.labels:
-        options["labels"] = data.labels
-    return options
-
-
 def load_train_split(data):
     """Prepares (idempotently) and opens the training split of the configured dataset.
 
     With `data.only_class` and/or `data.keep_class` / `keep_fraction` set, the source holds
     only that subset of the records (a mixing.Part; see `mixing.training_subset`).
     """
-    options = _dataset_options(data)
+    options = runs.dataset_options(data)
     builders.prepare(data.name, **options)
     source, spec = builders.load(data.name, data.train_split, **options)
     return mixing.training_subset(source, spec, data), spec
@@ -149,6 +112,113 @@ def sample_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "samples", f"step_{step:06d}.png")
 
 
+class DiffusionJob(job_lib.Job):
+    """The DDPM family: EMA sample grids on the way (train.sample_every), losses at the end."""
+
+    name = "ddpm"
+    hash_ignore = HASH_IGNORE
+
+    validate = staticmethod(validate)
+
+    def build(self, config, workdir: str, mesh) -> job_lib.Plan:
+        train_source, spec = load_train_split(config.data)
+        if config.model.conditional and spec.label_kind != sources.MULTICLASS:
+            raise config_lib.ConfigError(
+                f"config.model.conditional: {spec.name} is {spec.label_kind}; class "
+                "conditioning needs single-label classes (set model.conditional=False)"
+            )
+        model = make_model(config.model, spec.num_classes)
+        noise_schedule = make_noise_schedule(config.diffusion)
+        num_steps = int(config.train.num_steps)
+        tx, lr_schedule = optim.make_optimizer(config.optim, num_steps)
+        resolution = int(config.data.resolution)
+        image_shape = (resolution, resolution, 1)
+        init_fn = functools.partial(init_state, model, tx, image_shape=image_shape)
+        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+        train_step, sample = compile_steps(
+            model,
+            tx,
+            noise_schedule,
+            mesh,
+            abstract,
+            lr_schedule=lr_schedule,
+            prediction=config.diffusion.prediction,
+            label_dropout=float(config.diffusion.label_dropout),
+            ema_decay=float(config.optim.ema_decay),
+            image_shape=image_shape,
+            sample_steps=int(config.sample.steps),
+            guidance_scale=float(config.sample.guidance_scale),
+            sample_eta=float(config.sample.get("eta", 0.0)),
+        )
+        train_iter = job_lib.train_iterator(config, train_source, spec, resolution=resolution)
+
+        # Fixed noise and labels for every grid: one row per class, the same x_T every time.
+        num_grid_classes = spec.num_classes if config.model.conditional else 1
+        grid_labels = sample_labels(num_grid_classes, int(config.sample.per_class))
+        grid_rng = parallel.replicate(np.asarray(jax.random.PRNGKey(config.sample.seed)), mesh)
+        grid_labels_device = parallel.replicate(grid_labels, mesh)
+        conditional = config.model.conditional
+        captions = [spec.class_names[i] for i in grid_labels] if conditional else None
+
+        def sample_fn(state, step):
+            images = sample(state.ema_params, grid_rng, grid_labels_device)
+            images = np.asarray(jax.device_get(images))
+            if parallel.is_main_process():
+                path = sample_path(workdir, step)
+                report.save_image_grid(
+                    images, path, nrow=int(config.sample.per_class), value_range=(-1.0, 1.0)
+                )
+                logging.info("[samples] step %d -> %s (rows: %s)", step, path, captions)
+            return {"samples/mean": float(images.mean()), "samples/std": float(images.std())}
+
+        return job_lib.Plan(
+            init_fn=init_fn,
+            batches=train_iter,
+            train_step=train_step,
+            signature={
+                "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
+                + mixing.subset_signature(config.data),
+                "train_records": len(train_source),
+            },
+            abstract=abstract,
+            eval_fn=sample_fn,
+            eval_every=int(config.train.sample_every),
+            extra={"spec": spec, "train_records": len(train_source), "sample_fn": sample_fn},
+        )
+
+    def finish(self, config, plan: job_lib.Plan, ended: job_lib.Ended) -> dict[str, Any]:
+        spec, workdir, state = plan.extra["spec"], ended.workdir, ended.state
+        if not config.train.sample_every:
+            plan.extra["sample_fn"](state, ended.step)
+        losses = _losses(ended.history)
+        return {
+            "dataset": {
+                "name": config.data.name,
+                "resolution": int(config.data.resolution),
+                "class_names": list(spec.class_names),
+                "train_records": plan.extra["train_records"],
+            },
+            "seed": int(config.seed),
+            "num_steps": int(config.train.num_steps),
+            "start_step": int(ended.start_step),
+            "final_step": int(ended.step),
+            "num_params": int(sum(x.size for x in jax.tree.leaves(plan.abstract.params))),
+            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+            "losses": losses,
+            "final_loss": losses[max(losses, key=int)] if losses else None,
+            "samples": sorted(
+                os.path.relpath(p, workdir) for p in _grids(os.path.join(workdir, "samples"))
+            ),
+            "history": ended.history,  # every session's rows, one per step
+            "config": config_lib.to_dict(config),
+            "software": results_lib.software_versions(),
+            "device": results_lib.device_description(),
+        }
+
+
+JOB = DiffusionJob()
+
+
 def train_and_evaluate(
     config, workdir: str, *, stop_at: int | None = None, **workdir_options
 ) -> dict[str, Any]:
@@ -156,167 +226,9 @@ def train_and_evaluate(
 
     Re-running on the same workdir resumes an interrupted run and returns the saved results of
     a finished one; a workdir of another config is refused before anything is written
-    (`workdir.check`; `workdir_options`: overwrite, force_resume).
+    (`workdir.check`; `workdir_options`: overwrite, force_resume). See `cxrjax.train.job`.
     """
-    clock = results_lib.Clock()
-    validate(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    results_path = os.path.join(workdir, "results.json")
-    decision = workdir_lib.prepare(config, workdir, **workdir_options)
-    if decision.finished:
-        return decision.results
-    mesh = parallel.make_mesh()
-    parallel.check_global_batch(config.train.global_batch_size, mesh)
-
-    train_source, spec = load_train_split(config.data)
-    if config.model.conditional and spec.label_kind != sources.MULTICLASS:
-        raise config_lib.ConfigError(
-            f"config.model.conditional: {spec.name} is {spec.label_kind}; class conditioning "
-            "needs single-label classes (set model.conditional=False)"
-        )
-    model = make_model(config.model, spec.num_classes)
-    noise_schedule = make_noise_schedule(config.diffusion)
-    num_steps = int(config.train.num_steps)
-    tx, lr_schedule = optim.make_optimizer(config.optim, num_steps)
-    resolution = int(config.data.resolution)
-    image_shape = (resolution, resolution, 1)
-    rng = jax.random.PRNGKey(config.seed)
-    init_fn = functools.partial(init_state, model, tx, image_shape=image_shape)
-    abstract = jax.eval_shape(init_fn, rng)
-    replicated = parallel.replicated(mesh)
-    train_step, sample = compile_steps(
-        model,
-        tx,
-        noise_schedule,
-        mesh,
-        abstract,
-        lr_schedule=lr_schedule,
-        prediction=config.diffusion.prediction,
-        label_dropout=float(config.diffusion.label_dropout),
-        ema_decay=float(config.optim.ema_decay),
-        image_shape=image_shape,
-        sample_steps=int(config.sample.steps),
-        guidance_scale=float(config.sample.guidance_scale),
-        sample_eta=float(config.sample.get("eta", 0.0)),
-    )
-    train_iter = pipeline.make_train_iterator(
-        train_source,
-        spec,
-        global_batch_size=config.train.global_batch_size,
-        seed=config.seed,
-        resolution=resolution,
-        augment=config.data.augment,
-        normalization="generator",
-        num_workers=config.data.num_workers,
-        balanced=bool(config.data.get("balanced", False)),
-        **pipeline.bad_record_options(config.data),
-    )
-
-    # Fixed noise and labels for every grid: one row per class, the same x_T at every step.
-    num_grid_classes = spec.num_classes if config.model.conditional else 1
-    grid_labels = sample_labels(num_grid_classes, int(config.sample.per_class))
-    grid_rng = parallel.replicate(np.asarray(jax.random.PRNGKey(config.sample.seed)), mesh)
-    grid_labels_device = parallel.replicate(grid_labels, mesh)
-    captions = [spec.class_names[i] for i in grid_labels] if config.model.conditional else None
-    saved_grids: list[str] = []
-
-    def sample_fn(state, step):
-        images = np.asarray(jax.device_get(sample(state.ema_params, grid_rng, grid_labels_device)))
-        if parallel.is_main_process():
-            path = sample_path(workdir, step)
-            report.save_image_grid(
-                images, path, nrow=int(config.sample.per_class), value_range=(-1.0, 1.0)
-            )
-            saved_grids.append(path)
-            logging.info("[samples] step %d -> %s (rows: %s)", step, path, captions)
-        return {"samples/mean": float(images.mean()), "samples/std": float(images.std())}
-
-    signature = {
-        "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
-        "global_batch_size": int(config.train.global_batch_size),
-        "dataset": f"{config.data.name}:{config.data.resolution}:{config.data.labels}"
-        + mixing.subset_signature(config.data),
-        "train_records": len(train_source),
-    }
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
-    abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
-    with checkpoint_lib.closing_on_error(checkpointer):
-        state, start_step = checkpoint_lib.restore_or_init(
-            checkpointer,
-            abstract_placed,
-            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
-            train_iter,
-            signature,
-            ignore=decision.signature_ignore,
-        )
-        clock.resume(checkpointer.restored_meta)
-        decision.record(config)  # the run is accepted: now its config.json is (re)written
-    writer = writer_lib.MetricWriter(
-        workdir, enabled=parallel.is_main_process(), resume_step=start_step
-    )
-    try:
-        outcome = loop.run(
-            state=state,
-            train_step=train_step,
-            batches=train_iter,
-            mesh=mesh,
-            # A host copy: the state (and its rng leaf) is donated to the first step.
-            rng=parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh),
-            start_step=start_step,
-            num_steps=num_steps,
-            images_per_step=config.train.global_batch_size,
-            checkpointer=checkpointer,
-            writer=writer,
-            log_every=config.train.log_every,
-            checkpoint_every=config.train.checkpoint_every,
-            eval_every=config.train.sample_every,
-            eval_fn=sample_fn if config.train.sample_every else None,
-            metadata={"signature": signature},
-            nonfinite=config.train.nonfinite,
-            max_bad_fraction=pipeline.max_bad_fraction(config.data),
-            stop_at=stop_at,
-            clock=clock,
-        )
-        writer.flush()
-        if outcome.preempted or outcome.step < num_steps:
-            return {"finished": False, "step": outcome.step, "preempted": outcome.preempted}
-        state = outcome.state
-        if not config.train.sample_every:
-            sample_fn(state, outcome.step)
-        history = writer_lib.read_history(workdir) or outcome.history
-        losses = _losses(history)
-        results = {
-            "dataset": {
-                "name": config.data.name,
-                "resolution": resolution,
-                "class_names": list(spec.class_names),
-                "train_records": len(train_source),
-            },
-            "seed": int(config.seed),
-            "num_steps": num_steps,
-            "start_step": int(start_step),
-            "final_step": int(outcome.step),
-            "num_params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
-            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
-            "losses": losses,
-            "final_loss": losses[max(losses, key=int)] if losses else None,
-            "samples": sorted(
-                os.path.relpath(p, workdir) for p in _grids(os.path.join(workdir, "samples"))
-            ),
-            "history": history,  # every session's rows, one per step
-            "config": config_lib.to_dict(config),
-            "software": results_lib.software_versions(),
-            "device": results_lib.device_description(),
-            "wall_time_s": clock.total(),
-        }
-        if parallel.is_main_process():
-            results_lib.save_results(results_path, results)
-        return results
-    finally:
-        writer.close()
-        checkpointer.close()
+    return job_lib.train(JOB, config, workdir, stop_at=stop_at, **workdir_options)
 
 
 def _losses(history: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from cxrjax import parallel
 from cxrjax.models import pggan
@@ -39,23 +38,11 @@ MODELS = {
 }
 CONDITIONING = ("", "projection")  # "": AC-GAN (the official code)
 RESET_CHOICES = ("phase", "resolution", "never")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = state_lib.DTYPES
 FADE, STABLE = "fade", "stable"
 
 
-@struct.dataclass
-class GANState:
-    """Everything a PGGAN run needs to continue exactly; `images_seen` fixes phase and alpha."""
-
-    step: jax.Array
-    images_seen: jax.Array
-    g_params: Any
-    d_params: Any
-    g_ema_params: Any
-    g_opt_state: Any
-    d_opt_state: Any
-    rng: jax.Array
-    nonfinite_steps: jax.Array
+GANState = state_lib.GANState  # defined with the other train states
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -20,14 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
 from cxrjax import parallel, report
 from cxrjax.data import builders, mixing, pipeline
-from cxrjax.metrics import writer as writer_lib
-from cxrjax.train import diffaugment, gan, loop
+from cxrjax.train import diffaugment, gan, runs
+from cxrjax.train import job as job_lib
 from cxrjax.train import results as results_lib
-from cxrjax.train import workdir as workdir_lib
 
 # Fields outside the config hash that checks a resumed run is the same run. The subset fields
 # enter the signature's "dataset" string when set instead, so older checkpoints still resume.
@@ -52,13 +50,8 @@ RULES = (
 def validate(config) -> None:
     """Every field the run relies on, checked before any data read or compile."""
     config_lib.check_fields(config, RULES)
+    # Types, ranges, choices of single fields: RULES above and config.RULES (one table).
     check = config_lib.check
-    config_lib.check_choice(config, "data.name", tuple(builders.BUILDERS))
-    config_lib.check_choice(config, "model.name", tuple(gan.MODELS))
-    if "dtype" in config.model:
-        config_lib.check_choice(config, "model.dtype", tuple(gan.DTYPES))
-    config_lib.check_choice(config, "optim.reset_opt", gan.RESET_CHOICES)
-    config_lib.check_choice(config, "train.nonfinite", ("skip", "abort"))
     pipeline.check_bad_records(config)
     resolution = config.data.resolution
     check(
@@ -68,17 +61,6 @@ def validate(config) -> None:
         "data.resolution",
         f"must be a power of two in [8, 1024] (the final PGGAN resolution), got {resolution!r}",
     )
-    for field in (
-        "train.global_batch_size",
-        "train.log_every",
-        "schedule.fade_images",
-        "schedule.stable_images",
-        "optim.lr",
-        "samples.per_class",
-    ):
-        config_lib.check_positive(config, field)
-    for field in ("train.checkpoint_every", "data.num_workers", "data.source_resolution"):
-        config_lib.check_positive(config, field, allow_zero=True)
     group = config.model.mbstd_group_size
     try:
         sizes = batch_sizes(config)
@@ -105,10 +87,6 @@ def validate(config) -> None:
                 f"{length} must be a multiple of every batch size when train.batch_sizes varies "
                 f"the batch (not of {bad})",
             )
-    check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
-    check(0.0 <= config.optim.b1 < 1.0, "optim.b1", "must be in [0, 1)")
-    check(0.0 <= config.optim.b2 < 1.0, "optim.b2", "must be in [0, 1)")
-    check(config.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0")
     try:
         diffaugment.parse(config.loss.get("diffaugment", ""))
     except ValueError as error:
@@ -186,6 +164,121 @@ class GroupedBatches(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
+class GanJob(job_lib.Job):
+    """The PGGAN family: one segment per schedule phase (its resolution's compiled step)."""
+
+    name = "pggan"
+    hash_ignore = HASH_IGNORE
+
+    validate = staticmethod(validate)
+
+    def prepare(self, config, mesh) -> None:
+        sizes = batch_sizes(config)
+        for batch in sorted(set(sizes.values())) + [math.gcd(*sizes.values())]:
+            parallel.check_global_batch(batch, mesh)
+
+    def build(self, config, workdir: str, mesh) -> job_lib.Plan:
+        sizes = batch_sizes(config)
+        base_batch = math.gcd(*sizes.values())
+        data = config.data
+        options = runs.dataset_options(data, data.source_resolution)
+        builders.prepare(data.name, **options)
+        train_source, spec = builders.load(data.name, data.train_split, **options)
+        # The scarce and/or one-class subset when data.keep_class / data.only_class are set.
+        train_source = mixing.training_subset(train_source, spec, data)
+        max_resolution = int(data.resolution)
+        generator, discriminator = gan.make_models(config.model, spec.num_classes, max_resolution)
+        g_tx = d_tx = gan.make_optimizer(config.optim)
+        init_fn = functools.partial(init_state_fn, generator, discriminator, g_tx, d_tx)
+        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+        steps = gan.CompiledSteps(
+            step_factory(config, generator, discriminator, (g_tx, d_tx)),
+            mesh,
+            abstract,
+        )
+        train_iter = GroupedBatches(
+            job_lib.train_iterator(
+                config, train_source, spec, resolution=max_resolution, global_batch_size=base_batch
+            )
+        )
+        sampler = Sampler(generator, config, spec, workdir)
+        all_phases = _phases(config)
+        ends = gan.phase_end_steps(all_phases, sizes)
+        segments = []
+        for phase, end in zip(all_phases, ends, strict=True):
+
+            def before(step, phase=phase, end=end):
+                train_iter.factor = sizes[phase.resolution] // base_batch
+                logging.info(
+                    "phase %d: %s at %dx%d, steps %d..%d",
+                    phase.index, phase.kind, phase.resolution, phase.resolution, step + 1, end,
+                )  # fmt: skip
+
+            segments.append(
+                job_lib.Segment(
+                    end,
+                    _PhaseStep(steps, phase.resolution),  # compiled when its phase first runs
+                    sizes[phase.resolution],
+                    metadata={"phase": phase.index},
+                    before=before,
+                    after=functools.partial(sampler.save, phase=phase, schedule=config.schedule),
+                )
+            )
+        return job_lib.Plan(
+            init_fn=init_fn,
+            batches=train_iter,
+            segments=segments,
+            signature={
+                "global_batch_size": base_batch,
+                "batch_sizes": {str(r): b for r, b in sizes.items()},
+                "dataset": f"{data.name}:{data.source_resolution}:{data.labels}"
+                + mixing.subset_signature(data),
+                "train_records": len(train_source),
+            },
+            abstract=abstract,
+            extra=dict(
+                sizes=sizes, phases=all_phases, ends=ends, steps=steps, sampler=sampler,
+                spec=spec, train_records=len(train_source),
+            ),
+        )  # fmt: skip
+
+    def finish(self, config, plan: job_lib.Plan, ended: job_lib.Ended) -> dict[str, Any]:
+        extra, state = plan.extra, ended.state
+        sizes, directory = extra["sizes"], extra["sampler"].directory
+        return {
+            "finished": True,
+            "step": int(ended.step),
+            "images_seen": int(jax.device_get(state.images_seen)),
+            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+            "phases": [
+                {**vars(p), "batch": sizes[p.resolution], "end_step": e}
+                for p, e in zip(extra["phases"], extra["ends"], strict=True)
+            ],
+            "compiled_resolutions": sorted(extra["steps"].cache),
+            "samples": sorted(os.listdir(directory)) if os.path.isdir(directory) else [],
+            "class_names": list(extra["spec"].class_names),
+            "train_records": extra["train_records"],
+            # Every session's rows, one per step (metrics.jsonl), not only this session's.
+            "history": ended.history,
+            "config": config_lib.to_dict(config),
+            "software": results_lib.software_versions(),
+            "device": results_lib.device_description(),
+        }
+
+
+class _PhaseStep:
+    """The compiled step of one resolution, looked up (and compiled) on first call."""
+
+    def __init__(self, steps: gan.CompiledSteps, resolution: int):
+        self.steps, self.resolution = steps, resolution
+
+    def __call__(self, state, batch, rng):
+        return self.steps(self.resolution)(state, batch, rng)
+
+
+JOB = GanJob()
+
+
 def train_and_evaluate(
     config, workdir: str, *, stop_at: int | None = None, **workdir_options
 ) -> dict[str, Any]:
@@ -194,154 +287,9 @@ def train_and_evaluate(
     Re-running on the same workdir resumes (mid-phase included) and returns the saved results
     of a finished run; a workdir of another config is refused before anything is written
     (`workdir.check`; `workdir_options`: overwrite, force_resume). `stop_at` stops after that
-    global step with a checkpoint.
+    global step with a checkpoint. See `cxrjax.train.job`.
     """
-    clock = results_lib.Clock()
-    validate(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    results_path = os.path.join(workdir, "results.json")
-    decision = workdir_lib.prepare(config, workdir, **workdir_options)
-    if decision.finished:
-        return decision.results
-    mesh = parallel.make_mesh()
-    sizes = batch_sizes(config)
-    base_batch = math.gcd(*sizes.values())
-    for batch in sorted(set(sizes.values())) + [base_batch]:
-        parallel.check_global_batch(batch, mesh)
-
-    data = config.data
-    options = {
-        "data_dir": data.data_dir or None,
-        "manual_dir": data.manual_dir or None,
-        "resolution": data.source_resolution or None,
-        "skip_corrupt": data.skip_corrupt,
-    }
-    if data.labels:
-        options["labels"] = data.labels
-    builders.prepare(data.name, **options)
-    train_source, spec = builders.load(data.name, data.train_split, **options)
-    # The scarce and/or one-class subset when data.keep_class / data.only_class are set.
-    train_source = mixing.training_subset(train_source, spec, data)
-    max_resolution = int(data.resolution)
-    generator, discriminator = gan.make_models(config.model, spec.num_classes, max_resolution)
-    g_tx = d_tx = gan.make_optimizer(config.optim)
-    rng = jax.random.PRNGKey(config.seed)
-    init_fn = functools.partial(init_state_fn, generator, discriminator, g_tx, d_tx)
-    abstract = jax.eval_shape(init_fn, rng)
-    replicated = parallel.replicated(mesh)
-    steps = gan.CompiledSteps(
-        step_factory(config, generator, discriminator, (g_tx, d_tx)),
-        mesh,
-        abstract,
-    )
-    base_iter = pipeline.make_train_iterator(
-        train_source,
-        spec,
-        global_batch_size=base_batch,
-        seed=config.seed,
-        resolution=max_resolution,
-        augment=data.augment,
-        normalization="generator",
-        num_workers=data.num_workers,
-        balanced=bool(data.get("balanced", False)),
-        **pipeline.bad_record_options(config.data),
-    )
-    train_iter = GroupedBatches(base_iter)
-    signature = {
-        "config_hash": config_lib.config_hash(decision.hash_config(config), ignore=HASH_IGNORE),
-        "global_batch_size": base_batch,
-        "batch_sizes": {str(r): b for r, b in sizes.items()},
-        "dataset": f"{data.name}:{data.source_resolution}:{data.labels}"
-        + mixing.subset_signature(data),
-        "train_records": len(train_source),
-    }
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
-    with checkpoint_lib.closing_on_error(checkpointer):
-        state, step = checkpoint_lib.restore_or_init(
-            checkpointer,
-            checkpoint_lib.abstract_like(abstract, replicated),
-            lambda: jax.jit(init_fn, out_shardings=replicated)(rng),
-            train_iter,
-            signature,
-            ignore=decision.signature_ignore,
-        )
-        clock.resume(checkpointer.restored_meta)
-        decision.record(config)  # the run is accepted: now its config.json is (re)written
-    writer = writer_lib.MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=step)
-    sampler = Sampler(generator, config, spec, workdir)
-    base_rng = parallel.replicate(np.asarray(jax.device_get(state.rng)), mesh)
-    history: list[dict[str, float]] = []
-    all_phases = _phases(config)
-    ends = gan.phase_end_steps(all_phases, sizes)
-    try:
-        for phase, end in zip(all_phases, ends, strict=True):
-            if step >= end:
-                continue
-            train_iter.factor = sizes[phase.resolution] // base_batch
-            logging.info(
-                "phase %d: %s at %dx%d, steps %d..%d",
-                phase.index,
-                phase.kind,
-                phase.resolution,
-                phase.resolution,
-                step + 1,
-                end,
-            )
-            outcome = loop.run(
-                state=state,
-                train_step=steps(phase.resolution),
-                batches=train_iter,
-                mesh=mesh,
-                rng=base_rng,
-                start_step=step,
-                num_steps=end,
-                images_per_step=sizes[phase.resolution],
-                checkpointer=checkpointer,
-                writer=writer,
-                log_every=config.train.log_every,
-                checkpoint_every=config.train.checkpoint_every,
-                metadata={"signature": signature, "phase": phase.index},
-                nonfinite=config.train.nonfinite,
-                max_bad_fraction=pipeline.max_bad_fraction(config.data),
-                label="train",
-                stop_at=stop_at,
-                clock=clock,
-            )
-            state, step = outcome.state, outcome.step
-            history.extend(outcome.history)
-            if outcome.preempted or step < end:
-                return {"finished": False, "step": step, "preempted": outcome.preempted}
-            sampler.save(state, phase, config.schedule)
-        results = {
-            "finished": True,
-            "step": int(step),
-            "images_seen": int(jax.device_get(state.images_seen)),
-            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
-            "phases": [
-                {**vars(p), "batch": sizes[p.resolution], "end_step": e}
-                for p, e in zip(all_phases, ends, strict=True)
-            ],
-            "compiled_resolutions": sorted(steps.cache),
-            "samples": sorted(os.listdir(sampler.directory))
-            if os.path.isdir(sampler.directory)
-            else [],
-            "class_names": list(spec.class_names),
-            "train_records": len(train_source),
-            # Every session's rows, one per step (metrics.jsonl), not only this session's.
-            "history": writer_lib.read_history(workdir) or history,
-            "config": config_lib.to_dict(config),
-            "software": results_lib.software_versions(),
-            "device": results_lib.device_description(),
-            "wall_time_s": clock.total(),
-        }
-        if parallel.is_main_process():
-            results_lib.save_results(results_path, results)
-        return results
-    finally:
-        writer.close()
-        checkpointer.close()
+    return job_lib.train(JOB, config, workdir, stop_at=stop_at, **workdir_options)
 
 
 def init_state_fn(generator, discriminator, g_tx, d_tx, rng):

@@ -37,6 +37,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cxrjax import checkpoint as checkpoint_lib
+from cxrjax import config as config_lib
 from cxrjax import parallel
 from cxrjax.metrics import writer as writer_lib
 
@@ -254,7 +255,9 @@ def run(
     checkpoint.CheckpointError when a save fails.
     """
     if nonfinite not in ("skip", "abort"):
-        raise ValueError(f"nonfinite must be 'skip' or 'abort', got {nonfinite!r}")
+        raise config_lib.ConfigError(
+            f"config.train.nonfinite: must be one of ['skip', 'abort'], got {nonfinite!r}"
+        )
     progress = writer_lib.Progress(num_steps, start_step, images_per_step, label=label)
     history: list[dict[str, float]] = []
     last_saved = start_step
