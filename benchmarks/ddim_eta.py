@@ -21,7 +21,6 @@ Writes WORKDIR/ddim_eta.json and prints Markdown tables (benchmarks/RESULTS.md q
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -42,13 +41,13 @@ def main(argv):
     import jax.numpy as jnp
 
     import configs.experiment as experiment_configs
-    from cxrjax import diffusion, features, fileio, synthesis
+    from cxrjax import diffusion, features, fileio
     from cxrjax.experiment import stages, utility
     from cxrjax.metrics import generative
     from cxrjax.metrics import utility as utility_metrics
     from cxrjax.models import unet
     from cxrjax.train import diffusion as diffusion_train
-    from cxrjax.train import optim
+    from cxrjax.train import runs
 
     workdir = os.path.abspath(_WORKDIR.value)
     config = experiment_configs.get_config(_PRESET.value)
@@ -60,14 +59,12 @@ def main(argv):
     real_feats = features.extract(judge.features, real["images"][real["labels"] == scarce])
 
     run_dir = _GENERATOR.value or os.path.join(workdir, "ddpm")
-    run = synthesis._run_config(run_dir)
+    opened = runs.load(run_dir, select="latest")
+    run, state = opened.config, opened.state
     model = diffusion_train.make_model(run.model, len(data["info"]["class_names"]))
     schedule = diffusion_train.make_noise_schedule(run.diffusion)
-    tx, _ = optim.make_optimizer(run.optim, int(run.train.num_steps))
     res = int(run.data.resolution)
     shape = (res, res, 1)
-    init = functools.partial(diffusion_train.init_state, model, tx, image_shape=shape)
-    state, _ = synthesis._restore_latest(run_dir, jax.eval_shape(init, jax.random.PRNGKey(0)))
     prediction = run.diffusion.prediction
     guidance = float(run.sample.guidance_scale)
     n, steps = _PER_CLASS.value, _STEPS.value
@@ -79,8 +76,8 @@ def main(argv):
 
     def oracle(x, t, labels):
         """E[eps | x_t] for the empirical distribution of the class's training images."""
-        a = diffusion._take(schedule.sqrt_alphas_cumprod, t, x.ndim)
-        b = diffusion._take(schedule.sqrt_one_minus_alphas_cumprod, t, x.ndim)
+        a = schedule.sqrt_alphas_cumprod[t].reshape(-1, *([1] * (x.ndim - 1)))
+        b = schedule.sqrt_one_minus_alphas_cumprod[t].reshape(-1, *([1] * (x.ndim - 1)))
         flat = x.reshape(x.shape[0], -1)
         a1, b1 = a.reshape(-1, 1), b.reshape(-1, 1)
         dist = (
@@ -139,7 +136,7 @@ def main(argv):
             labels.append(np.full(n, c))
             path = path or p
         x, labels = np.concatenate(images), np.concatenate(labels)
-        u8 = synthesis._to_uint8(x)
+        u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
         fidelity = utility_metrics.class_fidelity(judge.probs(u8), labels, names)
         fd = generative.frechet_distance(
             real_feats, features.extract(judge.features, u8[labels == scarce])

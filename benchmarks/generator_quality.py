@@ -169,7 +169,7 @@ def main(argv):
         stops = list(range(_EVAL_EVERY.value, total, _EVAL_EVERY.value)) + [total]
         sub.train.checkpoint_every = _EVAL_EVERY.value
     else:
-        phases = gan_run._phases(sub)
+        phases = gan_run.config_phases(sub)
         stops = [gan_run.phase_end_step(p, int(sub.train.global_batch_size)) for p in phases]
         stops = stops[len(stops) // 2 :]  # the low resolutions say little about the end result
     curve = []

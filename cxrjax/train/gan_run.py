@@ -94,7 +94,8 @@ def validate(config) -> None:
     mixing.check_subset_options(config.data)
 
 
-def _phases(config) -> list[gan.Phase]:
+def config_phases(config) -> list[gan.Phase]:
+    """The run's phases (resolution, fade / stable, images) from its schedule."""
     return gan.phases(
         config.data.resolution,
         config.schedule.fade_images,
@@ -202,7 +203,7 @@ class GanJob(job_lib.Job):
             )
         )
         sampler = Sampler(generator, config, spec, workdir)
-        all_phases = _phases(config)
+        all_phases = config_phases(config)
         ends = gan.phase_end_steps(all_phases, sizes)
         segments = []
         for phase, end in zip(all_phases, ends, strict=True):
