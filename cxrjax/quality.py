@@ -236,7 +236,7 @@ def distribution_metrics(
     return out
 
 
-def _float(value):
+def to_python(value):
     """numpy scalars -> Python floats / ints for JSON; everything else unchanged."""
     if isinstance(value, np.floating):
         return float(value)
@@ -313,7 +313,7 @@ def compute_metrics(
         structure = clustering.class_structure(
             real, real_labels, synth, synth_labels, chunk_size=chunk_size
         )
-        metrics["class_structure"] = {key: _float(v) for key, v in structure.items()}
+        metrics["class_structure"] = {key: to_python(v) for key, v in structure.items()}
         kmeans = clustering.kmeans_agreement(
             real,
             synth,
@@ -322,7 +322,7 @@ def compute_metrics(
             real_labels=real_labels,
             seed=seed,
         )
-        metrics["kmeans"] = {key: _float(v) for key, v in kmeans.items()}
+        metrics["kmeans"] = {key: to_python(v) for key, v in kmeans.items()}
         metrics["kmeans_ari"] = kmeans["ari"]
         metrics["kmeans_nmi"] = kmeans["nmi"]
         if per_class:
@@ -336,7 +336,7 @@ def compute_metrics(
                     else None
                 )
                 block["sizes"] = {"real": int(len(r)), "synthetic": int(len(s))}
-                metrics["per_class"][name] = {key: _float(v) for key, v in block.items()}
+                metrics["per_class"][name] = {key: to_python(v) for key, v in block.items()}
     messages = []
     for warning in caught:
         if issubclass(warning.category, generative.MetricWarning):
@@ -360,7 +360,7 @@ def compute_metrics(
         "memorisation_quantile": memorisation_quantile,
     }
     metrics["seed"] = int(seed)
-    return {key: _float(value) for key, value in metrics.items()}
+    return {key: to_python(value) for key, value in metrics.items()}
 
 
 def evaluate(

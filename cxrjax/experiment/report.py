@@ -36,7 +36,7 @@ def _signed(value, ci=None) -> str:
     return report.format_value(value, "+.3f", ci)
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
     if seconds is None:
         return report.MISSING
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -237,7 +237,7 @@ def setup_table(results: Mapping[str, Any]) -> str:
         {
             "what": "wall time",
             "value": ", ".join(
-                f"{k} {_duration(v)}"
+                f"{k} {duration(v)}"
                 for k, v in results["wall_time_s"].items()
                 if k != "invocations"
             )
@@ -450,7 +450,7 @@ def jobs_table(results: Mapping[str, Any]) -> list[str]:
     for name, job in jobs.items():
         lines.append(
             f"| {name} | {job['job_id']} | {job.get('node') or report.MISSING} | "
-            f"{_duration(job.get('wall_time_s'))} | {job['state']} | {job['attempts']} |"
+            f"{duration(job.get('wall_time_s'))} | {job['state']} | {job['attempts']} |"
         )
     return [*lines, ""]
 

@@ -350,7 +350,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         fileio.write_text(os.path.join(workdir, "report.md"), text)
         results_lib.save_results(os.path.join(workdir, "results.json"), results)
     logging.info(
-        "[experiment] finished in %s: %s/report.md", report_lib._duration(timings["total"]), workdir
+        "[experiment] finished in %s: %s/report.md", report_lib.duration(timings["total"]), workdir
     )
     for line in results["warnings"]:
         logging.warning("[experiment] %s", line)

@@ -226,7 +226,7 @@ def variant_metrics(real_feats, synth_feats, fidelity, config) -> dict[str, Any]
             chunk_size=1024,
         )
     keys = ("fid", "kid", "precision", "recall", "density", "coverage")
-    return {key: quality._float(block.get(key)) for key in keys} | {"n": int(len(synth_feats))}
+    return {key: quality.to_python(block.get(key)) for key in keys} | {"n": int(len(synth_feats))}
 
 
 def metric_vs_utility(
