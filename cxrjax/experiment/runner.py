@@ -188,8 +188,17 @@ def param_count(config, info) -> dict[str, Any]:
 def generator_budget(kind: str, sub, result: Mapping[str, Any] | None, source: str) -> str:
     if kind == "pggan":
         phases = f"{sub.schedule.fade_images} + {sub.schedule.stable_images} images per phase"
+        final = int(sub.schedule.get("final_stable_images", 0))
+        if final:
+            phases += f" ({final} in the last)"
         batch = sub.train.global_batch_size
-        what = f"{sub.model.name} to {sub.data.resolution} px, {phases}, batch {batch}"
+        conditioning = "projection D" if sub.loss.get("conditioning") else "AC-GAN D"
+        if not sub.model.get("conditional", True):
+            conditioning = "unconditional"
+        what = (
+            f"{sub.model.name} to {sub.data.resolution} px, {conditioning}, {phases}, "
+            f"batch {batch}"
+        )
     else:
         what = (
             f"{sub.model.name} at {sub.data.resolution} px, {sub.train.num_steps} steps of "
