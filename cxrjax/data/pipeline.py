@@ -136,7 +136,24 @@ def steps_per_epoch(
     return size // global_batch_size
 
 
-class ProcessSlice(grain.MapDataset):
+class _Reindexed(grain.MapDataset):
+    """Element i is the parent's element `_parent_index(i)`; subclasses set `_length`."""
+
+    _length: int
+
+    def _parent_index(self, index: int) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(int(index))]
+
+
+class ProcessSlice(_Reindexed):
     """This process's rows of every global batch of `parent` (a stream of examples).
 
     Local index i maps to global position (i // local) * global + p * local + i % local, so
@@ -153,20 +170,15 @@ class ProcessSlice(grain.MapDataset):
         self._offset = process_index * local_batch
         self._length = (len(parent) // global_batch) * local_batch
 
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        batch, row = divmod(int(index), self._local)
-        return self._parent[batch * self._global + self._offset + row]
+    def _parent_index(self, index: int) -> int:
+        batch, row = divmod(index, self._local)
+        return batch * self._global + self._offset + row
 
     def __str__(self) -> str:
         return f"ProcessSlice(global={self._global}, local={self._local}, offset={self._offset})"
 
 
-class BalancedEpochs(grain.MapDataset):
+class BalancedEpochs(_Reindexed):
     """Class-balanced epochs over `parent`; epoch e is `mixing.balanced_epoch(..., epoch=e)`."""
 
     def __init__(
@@ -218,14 +230,9 @@ class BalancedEpochs(grain.MapDataset):
                 self._plans[epoch] = plan
             return plan
 
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        epoch, position = divmod(int(index), self._epoch_length)
-        return self._parent[int(self._plan(epoch)[position])]
+    def _parent_index(self, index: int) -> int:
+        epoch, position = divmod(index, self._epoch_length)
+        return int(self._plan(epoch)[position])
 
     def __str__(self) -> str:
         return f"BalancedEpochs(per_class={self._per_class}, classes={self._num_classes})"

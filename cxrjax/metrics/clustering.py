@@ -159,14 +159,22 @@ def _davies_bouldin(centroids, abs_sum, counts) -> float:
     return float(np.mean(ratios.max(axis=1)))
 
 
-def davies_bouldin_score(x, labels) -> float:
-    """Mean over clusters of the worst (scatter_i + scatter_j) / centroid gap; lower is better."""
+def _moments_or_warn(x, labels, name):
+    """(centroids, abs_sum, sq_sum, counts), or None after a warning when degenerate."""
     x, codes, counts = _encode(x, labels)
-    reason = _degenerate(len(x), len(counts), "Davies-Bouldin")
+    reason = _degenerate(len(x), len(counts), name)
     if reason:
         generative.warn(reason)
+        return None
+    return (*_cluster_moments(x, codes, len(counts)), counts)
+
+
+def davies_bouldin_score(x, labels) -> float:
+    """Mean over clusters of the worst (scatter_i + scatter_j) / centroid gap; lower is better."""
+    moments = _moments_or_warn(x, labels, "Davies-Bouldin")
+    if moments is None:
         return math.nan
-    centroids, abs_sum, _ = _cluster_moments(x, codes, len(counts))
+    centroids, abs_sum, _, counts = moments
     return _davies_bouldin(centroids, abs_sum, counts)
 
 
@@ -183,12 +191,10 @@ def _calinski_harabasz(centroids, sq_sum, counts) -> float:
 
 def calinski_harabasz_score(x, labels) -> float:
     """Between- over within-cluster dispersion, scaled by (N - K) / (K - 1); higher is better."""
-    x, codes, counts = _encode(x, labels)
-    reason = _degenerate(len(x), len(counts), "Calinski-Harabasz")
-    if reason:
-        generative.warn(reason)
+    moments = _moments_or_warn(x, labels, "Calinski-Harabasz")
+    if moments is None:
         return math.nan
-    centroids, _, sq_sum = _cluster_moments(x, codes, len(counts))
+    centroids, _, sq_sum, counts = moments
     return _calinski_harabasz(centroids, sq_sum, counts)
 
 

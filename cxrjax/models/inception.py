@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cxrjax.models import torch_import
+
 Dtype = Any
 
 WEIGHTS_URL = (
@@ -366,17 +368,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_weights_message(path))
+    state = torch_import.load_npz_or_torch(
+        path, ", or convert it once to .npz with inception.save_npz on a machine that has torch"
+    )
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            return {key: data[key] for key in data.files}
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            f"reading {path} needs torch (pip install 'cxrjax[torch]'), or convert it once to "
-            ".npz with inception.save_npz on a machine that has torch"
-        ) from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return state
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     return {key: _to_numpy(value) for key, value in state.items()}

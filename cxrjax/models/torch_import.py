@@ -71,23 +71,31 @@ def _find_state_dict(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     )
 
 
+def load_npz_or_torch(path: str, torch_hint: str) -> Any:
+    """{key: array} of a `.npz`; otherwise what `torch.load` (CPU, weights only) makes of the file.
+
+    Without torch the ImportError names the path, the extra to install, then `torch_hint`.
+    """
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs torch (pip install 'cxrjax[torch]'){torch_hint}"
+        ) from e
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Arrays of the DenseNet state_dict in a `.npz`, or in a torch file (needs torch)."""
     path = os.fspath(path)
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            obj = {k: data[k] for k in data.files}
-    else:
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(
-                f"reading {path} needs torch (pip install 'cxrjax[torch]'); or convert it to .npz "
-                "where torch is installed (see this module's docstring)"
-            ) from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{path}: expected a state_dict or a checkpoint dict, got {type(obj)}")
+    obj = load_npz_or_torch(
+        path, "; or convert it to .npz where torch is installed (see this module's docstring)"
+    )
+    if not isinstance(obj, Mapping):  # Only a torch file can hold something else.
+        raise ValueError(f"{path}: expected a state_dict or a checkpoint dict, got {type(obj)}")
     return {k: _to_numpy(v) for k, v in _find_state_dict(obj).items()}
 
 
