@@ -196,8 +196,7 @@ def generator_budget(kind: str, sub, result: Mapping[str, Any] | None, source: s
         if not sub.model.get("conditional", True):
             conditioning = "unconditional"
         what = (
-            f"{sub.model.name} to {sub.data.resolution} px, {conditioning}, {phases}, "
-            f"batch {batch}"
+            f"{sub.model.name} to {sub.data.resolution} px, {conditioning}, {phases}, batch {batch}"
         )
     else:
         what = (
