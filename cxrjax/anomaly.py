@@ -47,7 +47,7 @@ from absl import logging
 
 from cxrjax import anomaly_generators, anomaly_report, diffusion, fileio, parallel
 from cxrjax import config as config_lib
-from cxrjax.data import mixing, pipeline, sources
+from cxrjax.data import imageio, mixing, pipeline, sources
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.models import unet
 from cxrjax.train import anomaly as anomaly_train
@@ -85,6 +85,7 @@ class Scorer(abc.ABC):
 
     method: str = ""
     resolution: int = 0
+    content_resolution: int = 0  # > 0: films padded to `resolution` (GeneratorRun's field)
     info: dict[str, Any] = {}
     spaces: tuple[str, ...] = ("pixels",)  # the score spaces `outputs` gives ("score/<space>")
     primary: str = "pixels"  # the space whose score is "score"
@@ -120,7 +121,7 @@ class FAnoGANScorer(Scorer):
     ):
         mesh = mesh or parallel.make_mesh()
         generator, discriminator = run.modules["generator"], run.modules["discriminator"]
-        self.resolution = run.resolution
+        self.resolution, self.content_resolution = run.resolution, run.content_resolution
         self.normal_label = class_label(
             normal_class, run.spec.class_names, generator.num_classes > 0
         )
@@ -138,6 +139,7 @@ class FAnoGANScorer(Scorer):
             "generator_workdir": run.workdir,
             "generator_step": run.step,
             "resolution": run.resolution,
+            "content_resolution": run.content_resolution,
             "kappa": self.kappa,
             "normal_class": normal_class,
             "conditional": generator.num_classes > 0,
@@ -315,6 +317,7 @@ class FeatureSpaceScorer(Scorer):
         mesh = mesh or parallel.make_mesh()
         self.base, self.extractor = base, extractor
         self.method, self.resolution = base.method, base.resolution
+        self.content_resolution = base.content_resolution
         self.spaces, self.primary = SPACES, primary
         self._params = parallel.replicate(extractor.params, mesh)
         self._distance = feature_distance_fn(extractor.apply_fn, extractor.input_size)
@@ -330,7 +333,11 @@ class FeatureSpaceScorer(Scorer):
         if "reconstruction" not in out:
             raise ValueError(f"{self.method} scorer gives no reconstruction to compare features")
         out["score/pixels"] = out["score"]
-        out["score/features"] = self._distance(self._params, images, out["reconstruction"])
+        films, recon = images, out["reconstruction"]
+        if self.content_resolution:  # the judge sees the film, not the padded canvas
+            content = self.content_resolution
+            films, recon = (imageio.crop_content(x, content, axes=(1, 2)) for x in (films, recon))
+        out["score/features"] = self._distance(self._params, films, recon)
         out["score"] = out[f"score/{self.primary}"]
         return out
 
@@ -445,6 +452,7 @@ def score_split(
         spec,
         global_batch_size=batch_size,
         resolution=scorer.resolution,
+        content_resolution=scorer.content_resolution,
         normalization="generator",
         num_workers=num_workers,
     )

@@ -16,7 +16,7 @@ import ml_collections
 from cxrjax import config as config_lib
 from cxrjax import parallel
 from cxrjax.data import sources
-from cxrjax.train import runs
+from cxrjax.train import gan, runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,9 @@ class GeneratorRun:
     resolution: int
     modules: dict[str, Any]  # pggan: generator, discriminator; ddpm: model
     params: dict[str, Any]  # pggan: generator (EMA), discriminator; ddpm: model (EMA)
+    # The film's size on the canvas (PGGAN data.content_resolution): inputs are padded to the
+    # canvas, never resampled; 0 = the film fills the canvas.
+    content_resolution: int = 0
 
 
 def run_kind(run_config) -> str:
@@ -61,7 +64,11 @@ def load_generator_run(workdir: str, kind: str, mesh=None) -> GeneratorRun:
     else:
         params = {"model": state.ema_params}
     resolution = int(config.data.resolution)
-    return GeneratorRun(kind, workdir, config, run.spec, run.step, resolution, modules, params)
+    film = gan.film_resolution(config) if kind == "pggan" else resolution
+    content = 0 if film == resolution else film
+    return GeneratorRun(
+        kind, workdir, config, run.spec, run.step, resolution, modules, params, content
+    )
 
 
 def class_label(class_name: str, class_names: Sequence[str], conditional: bool) -> int:

@@ -56,7 +56,11 @@ def save_residual_figure(
     mesh = mesh or parallel.make_mesh()
     part = mixing.Part(source, name="examples", indices=np.sort(np.asarray(record_indices)))
     batches = pipeline.make_eval_dataset(
-        part, spec, global_batch_size=batch_size, resolution=scorer.resolution
+        part,
+        spec,
+        global_batch_size=batch_size,
+        resolution=scorer.resolution,
+        content_resolution=scorer.content_resolution,
     )
     rows: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for batch in batches:

@@ -217,6 +217,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("data.synthetic.label", text()),
     ("data.resolution", integer(gt=0)),
     ("data.source_resolution", integer(ge=0)),
+    ("data.content_resolution", integer(ge=0)),  # PGGAN: cross-checked by its driver
     ("*.num_workers", integer(ge=0)),
     ("data.bad_records", choice("error", "mask")),
     ("*.max_bad_fraction", number(ge=0, le=1)),

@@ -167,11 +167,15 @@ def load_generator(
         conditional = generator.num_classes > 0
         sample = gan.make_sample_fn(generator)
 
+        film = gan.film_resolution(config)  # padded-canvas runs: crop the film back out
+
         def draw(rng, labels):
             latents = jax.random.normal(rng, (labels.shape[0], generator.latent_dim))
-            return sample(params, latents, labels, 1.0, resolution=resolution)
+            canvas = sample(params, latents, labels, 1.0, resolution=resolution)
+            return imageio.crop_content(canvas, film, axes=(1, 2))
 
-        info.update(sampler="pggan", steps=None, guidance=None)
+        info.update(sampler="pggan", steps=None, guidance=None, canvas=resolution)
+        info["resolution"] = film
     else:
         model = run.modules["model"]
         schedule = diffusion_train.make_noise_schedule(config.diffusion)

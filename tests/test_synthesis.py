@@ -18,7 +18,7 @@ from cxrjax.train import diffusion_run, gan_run
 def _pggan_workdir(data_dir, workdir):
     config = pggan_configs.get_config("tiny")
     config.data.data_dir = data_dir
-    config.data.resolution = 8
+    config.data.update(resolution=8, content_resolution=6)  # 6 px films padded onto 8 px
     config.schedule.update(fade_images=16, stable_images=16)
     gan_run.train_and_evaluate(config, workdir)
 
@@ -74,6 +74,7 @@ def test_synthesize_writes_labeled_dataset(shipped_data_dir, tmp_path, kind, mak
         first = (out / names[index] / name).read_bytes()
         assert first == (again / names[index] / name).read_bytes()
     resolution = provenance["resolution"]
+    assert kind != "pggan" or resolution == 6  # the PGGAN's film, cropped from its canvas
     image = imageio.decode_gray((out / names[index] / files[0]).read_bytes())
     assert image.dtype == np.uint8 and image.shape[:2] == (resolution, resolution)
 

@@ -146,6 +146,36 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
+def fit_square(image: np.ndarray, size: int, content: int = 0) -> np.ndarray:
+    """[size, size]: resized (`content` 0), or resized to `content` px and reflect-padded.
+
+    The padded form puts a film on a larger canvas without resampling it (a PGGAN's power-of-
+    two canvas around 28 px films): resampling 28 -> 32 -> 28 px keeps only ~78 % of a film's
+    fine detail (mean absolute Laplacian), which a generator then cannot learn.
+    """
+    if not content or content == size:
+        return resize_square(image, size)
+    if not 0 < content < size:
+        raise ValueError(f"content {content} px must lie in (0, {size}) to pad to {size} px")
+    film = resize_square(image, content)
+    before = (size - content) // 2
+    after = size - content - before
+    return np.pad(film, ((before, after), (before, after)), mode="reflect")
+
+
+def crop_content(images, content: int, axes: tuple[int, int] = (-2, -1)):
+    """The central `content` px of square canvases along `axes` (numpy or jax arrays): the
+    inverse of `fit_square`'s padding."""
+    size = images.shape[axes[0]]
+    if not 0 < content <= size:
+        raise ValueError(f"content {content} px must lie in (0, {size}] to crop {size} px")
+    top = (size - content) // 2
+    index = [slice(None)] * images.ndim
+    for axis in axes:
+        index[axis] = slice(top, top + content)
+    return images[tuple(index)]
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """Encodes a uint8 [H, W] or [H, W, 1] image as grayscale PNG bytes (lossless)."""
     if image.ndim == 3:

@@ -323,6 +323,7 @@ def make_train_dataset(
     global_batch_size: int,
     seed: int,
     resolution: int | None = None,
+    content_resolution: int = 0,
     augment: Any = None,
     normalization: Any = "generator",
     balanced: bool = False,
@@ -338,6 +339,8 @@ def make_train_dataset(
     """Training batches for this process: dicts with TRAIN_KEYS, leading dim global/process_count.
 
     `source`: a record source, a `mixing.Part`, a list of Parts or a `mixing.MixedSource`.
+    `content_resolution` > 0: films are resized to it and reflect-padded to `resolution`
+    (a generator canvas around native-size films; `imageio.fit_square`).
     `augment`: AugmentConfig, Mapping or ConfigDict (None = defaults; `enabled=False` = none).
     `normalization`: a preset ("generator" = [-1, 1], "unit", "imagenet"), (mean, std) or Mapping.
     `balanced`: every epoch draws each class equally (multi-class only); `labels` aligned with
@@ -384,7 +387,7 @@ def make_train_dataset(
         ds = DecodeOrMask(ds)
     else:
         ds = ds.map(transforms.DecodeImage())
-    ds = ds.map(transforms.ResizeImage(resolution))
+    ds = ds.map(transforms.ResizeImage(resolution, content_resolution))
     if augment.enabled:
         # The rng is keyed by (seed, position in the repeated stream) = (seed, epoch, index).
         ds = ds.random_map(transforms.RandomAugment(augment), seed=derive_seed(seed, 2))
@@ -444,6 +447,7 @@ def make_eval_dataset(
     *,
     global_batch_size: int,
     resolution: int | None = None,
+    content_resolution: int = 0,
     normalization: Any = "generator",
     num_workers: int = 0,
     num_threads: int = 2,
@@ -456,7 +460,7 @@ def make_eval_dataset(
     Process p reads the contiguous block [p * ceil(N / P), ...). Every process yields
     `eval_num_batches(...)` full batches; padding rows have `mask` False, `index` -1 and id "".
     Batches carry EVAL_KEYS; `id` (str) and `index` match predictions to records. Iterating the
-    returned dataset again starts from the beginning.
+    returned dataset again starts from the beginning. `content_resolution` as for training.
     """
     topology = resolve_topology(process_index, process_count, device_count)
     batch_size = local_batch_size(global_batch_size, topology)
@@ -482,7 +486,8 @@ def make_eval_dataset(
         "mask": np.bool_(False),
     }
     ds = grain.MapDataset.source(_EvalShard(mixed, positions, pad))
-    ds = ds.map(transforms.DecodeImage()).map(transforms.ResizeImage(resolution))
+    resize = transforms.ResizeImage(resolution, content_resolution)
+    ds = ds.map(transforms.DecodeImage()).map(resize)
     ds = ds.map(transforms.ToFloat(normalization))
     ds = ds.map(transforms.CastLabel(spec.label_kind, spec.num_classes))
     ds = ds.map(transforms.SelectFields(EVAL_KEYS))

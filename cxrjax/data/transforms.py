@@ -139,15 +139,20 @@ class DecodeImage(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class ResizeImage(grain.transforms.Map):
-    """Center-crops and resizes `image` to [size, size] when its stored size differs."""
+    """Center-crops and resizes `image` to [size, size] when its stored size differs.
+
+    `content` > 0: the film is resized to `content` px and reflect-padded to `size` instead
+    (`imageio.fit_square`), so a generator's canvas can hold it without resampling.
+    """
 
     size: int
+    content: int = 0
 
     def map(self, record):
-        if record["image"].shape[:2] == (self.size, self.size):
+        if record["image"].shape[:2] == (self.size, self.size) and not self.content:
             return record
         record = dict(record)
-        record["image"] = imageio.resize_square(record["image"], self.size)
+        record["image"] = imageio.fit_square(record["image"], self.size, self.content)
         return record
 
 

@@ -332,7 +332,13 @@ def encoder_plan(config, run, train_source, spec, mesh, normal_label) -> job_lib
             f"{normal_class!r} training images"
         )
     normal_source = mixing.Part(train_source, name=normal_class, indices=normals)
-    train_iter = job_lib.train_iterator(config, normal_source, spec, resolution=resolution)
+    train_iter = job_lib.train_iterator(
+        config,
+        normal_source,
+        spec,
+        resolution=resolution,
+        content_resolution=run.content_resolution,
+    )
     return job_lib.Plan(
         init_fn=init_fn,
         batches=train_iter,

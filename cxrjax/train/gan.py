@@ -385,3 +385,9 @@ def make_sample_fn(generator):
         )
 
     return jax.jit(sample, static_argnames="resolution")
+
+
+def film_resolution(config) -> int:
+    """The size of the films the run learns and its samples are cropped to (see
+    `data.content_resolution`; runs from before that field: the canvas, data.resolution)."""
+    return int(config.data.get("content_resolution", 0) or config.data.resolution)

@@ -61,6 +61,13 @@ def validate(config) -> None:
         "data.resolution",
         f"must be a power of two in [8, 1024] (the final PGGAN resolution), got {resolution!r}",
     )
+    content = config.data.get("content_resolution", 0)
+    check(
+        content == 0 or 4 <= content <= resolution,
+        "data.content_resolution",
+        f"must be 0 (films resized to the canvas) or in [4, data.resolution={resolution}] (films "
+        f"padded onto it), got {content!r}",
+    )
     group = config.model.mbstd_group_size
     try:
         sizes = batch_sizes(config)
@@ -199,7 +206,12 @@ class GanJob(job_lib.Job):
         )
         train_iter = GroupedBatches(
             job_lib.train_iterator(
-                config, train_source, spec, resolution=max_resolution, global_batch_size=base_batch
+                config,
+                train_source,
+                spec,
+                resolution=max_resolution,
+                content_resolution=int(data.get("content_resolution", 0)),
+                global_batch_size=base_batch,
             )
         )
         sampler = Sampler(generator, config, spec, workdir)

@@ -35,6 +35,25 @@ def test_resize_only_when_size_differs():
     assert transforms.ResizeImage(8).map({"image": _image(20)})["image"].shape == (8, 8)
 
 
+def test_padded_canvas_keeps_the_film_exact_and_crops_back():
+    film = _image(28)
+    canvas = transforms.ResizeImage(32, content=28).map({"image": film})["image"]
+    assert canvas.shape == (32, 32)
+    np.testing.assert_array_equal(imageio.crop_content(canvas, 28), film)  # no resampling
+    # Reflection: the border mirrors the film's edge rows (numpy "reflect" excludes the edge).
+    np.testing.assert_array_equal(canvas[0, 2:30], film[2])
+    np.testing.assert_array_equal(canvas[31, 2:30], film[-3])
+    # A stored size other than the film's is resized to the film first, then padded.
+    other = transforms.ResizeImage(32, content=28).map({"image": _image(40)})["image"]
+    np.testing.assert_array_equal(
+        imageio.crop_content(other, 28), imageio.resize_square(_image(40), 28)
+    )
+    batch = np.stack([canvas, canvas])[..., None]  # NHWC
+    assert imageio.crop_content(batch, 28, axes=(1, 2)).shape == (2, 28, 28, 1)
+    with pytest.raises(ValueError, match="content 40 px"):
+        imageio.fit_square(film, 32, 40)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
