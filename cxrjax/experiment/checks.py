@@ -45,6 +45,7 @@ SCHEMA: dict[str, Any] = {
     },
     "wall_time_s": {stage: (int, float) for stage in (*design.STAGES, "total")},
     "sub_run_wall_time_s": dict,
+    "profile": {"stages": dict, "sub_runs": dict, "compile_cache": dict, "scope": str},
     "software": dict,
     "device": {"platform": str, "device_kind": str, "device_count": int},
     "warnings": list,

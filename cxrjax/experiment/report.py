@@ -455,6 +455,50 @@ def jobs_table(results: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def profile_tables(results: Mapping[str, Any]) -> list[str]:
+    """Where this invocation's wall time went: each stage's sections, then the sums of its
+    sub-runs' own profiles (JAX's tracing and compiles are counted once, in "trace" and
+    "compile")."""
+    prof = results.get("profile") or {}
+    stages = prof.get("stages") or {}
+    if not stages:
+        return []
+    first = ["sub-runs", "trace", "compile"]
+    last = ["rest", "total"]
+    middle = sorted({k for v in stages.values() for k in v} - {*first, *last})
+    columns = [c for c in first if any(c in v for v in stages.values())] + middle + last
+    lines = [
+        "## Where the time went",
+        "",
+        f"Wall seconds of {prof.get('scope', 'this invocation')}; JAX's persistent "
+        f"compilation cache: {prof.get('compile_cache') or 'not used'}.",
+        "",
+        "| stage | " + " | ".join(columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for stage, row in stages.items():
+        cells = [f"{row[c]:.1f}" if c in row else "" for c in columns]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    subs = prof.get("sub_runs") or {}
+    if subs:
+        kinds = ["setup", "trace", "compile", "checkpoint", "data", "eval", "finish", "steps"]
+        kinds.append("total")
+        lines += [
+            "",
+            "Sub-runs trained in this invocation, their own profiles summed (steps = the "
+            "training steps' compute; eval = periodic validation; finish = final evaluation "
+            "and results; setup = data preparation and models; trace = JAX tracing and "
+            "lowering; compile = XLA compiles or persistent-cache loads):",
+            "",
+            "| stage | sub-runs | " + " | ".join(kinds) + " |",
+            "| --- | --- |" + " --- |" * len(kinds),
+        ]
+        for stage, row in subs.items():
+            cells = [f"{row.get(k, 0.0):.1f}" for k in kinds]
+            lines.append(f"| {stage} | {row['count']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(results: Mapping[str, Any], figures: Mapping[str, str], captions) -> str:
     cfg, info = results["config"], results["dataset"]
     level = _pct(cfg["eval"]["confidence"])
@@ -492,6 +536,7 @@ def markdown(results: Mapping[str, Any], figures: Mapping[str, str], captions) -
         *quality_tables(results),
         *anomaly_table(results),
         *jobs_table(results),
+        *profile_tables(results),
         "",
         "## Figures",
         "",

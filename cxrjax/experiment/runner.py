@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from cxrjax import config as config_lib
-from cxrjax import fileio, parallel
+from cxrjax import fileio, parallel, timing
 from cxrjax.experiment import checks, design, evaluation, figures, launchers, stages
 from cxrjax.experiment import report as report_lib
 from cxrjax.experiment import utility as utility_lib
@@ -232,11 +232,13 @@ def run(config, workdir: str) -> dict[str, Any]:
         config_lib.save_json(config, os.path.join(workdir, "config.json"))
     launcher = launchers.make(config.launcher, workdir, SUBRUN_HARMLESS)
     timings: dict[str, float] = {}
+    timer = timing.Timer()  # this invocation's profile (results.json "profile")
+    sub_profiles: dict[str, dict[str, float]] = {}
     sub_results: dict[str, Mapping[str, Any]] = {}
     generator_source: dict[str, str] = {}
     t0 = time.perf_counter()
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, timer.compiles():
 
             def shipped_for(name: str):
                 kind, _, sub = runs[name]
@@ -254,14 +256,17 @@ def run(config, workdir: str) -> dict[str, Any]:
                 stages.log(design.stage_of(name), "%s %s (%s) -> %s",
                            "skip (finished)" if done else "run", name, kind,
                            sub_workdir)  # fmt: skip
-                if shipped_for(name) is not None:
-                    result = stages.install_shipped(kind, sub, sub_workdir)
-                    generator_source[name] = result["source"]
-                else:
-                    result = design.driver(kind).train_and_evaluate(
-                        sub, sub_workdir, harmless=SUBRUN_HARMLESS
-                    )
-                    generator_source.setdefault(name, "trained in this run")
+                with timer.section("sub-runs"):
+                    if shipped_for(name) is not None:
+                        result = stages.install_shipped(kind, sub, sub_workdir)
+                        generator_source[name] = result["source"]
+                    else:
+                        result = design.driver(kind).train_and_evaluate(
+                            sub, sub_workdir, harmless=SUBRUN_HARMLESS
+                        )
+                        generator_source.setdefault(name, "trained in this run")
+                if not done:
+                    add_profile(sub_profiles, design.STAGES[design.stage_of(name) - 1], result)
                 sub_results[name] = _finished(result, name, stop)
                 return result
 
@@ -284,50 +289,62 @@ def run(config, workdir: str) -> dict[str, Any]:
 
             # Stage 1: data, the headroom arms.
             t0 = time.perf_counter()
-            data = stages.prepare_data(config, workdir)
-            info = data["info"]
-            run_subs([name for name in runs if design.stage_of(name) == 1])
+            with timer.scope(design.STAGES[0]):
+                with timer.section("data"):
+                    data = stages.prepare_data(config, workdir)
+                info = data["info"]
+                run_subs([name for name in runs if design.stage_of(name) == 1])
             timings[design.STAGES[0]] = results_lib.elapsed(t0)
 
             # Stage 2: the judge, generators, synthesis, quality, CAS.
             t0 = time.perf_counter()
             judge = real = None
-            if "judge" in runs:
-                run_subs(["judge"])
-                judge = stages.Judge(runs["judge"][1], info, config.scarcity.class_name)
-                real = utility_lib.real_probabilities(config, data, judge)
-            kinds = design.needed_generators(config)
-            run_subs(list(kinds))
-            synthetic = (
-                stages.synthesize_all(config, workdir, data, judge, real, stop)
-                if kinds
-                else {"count": 0, "sets": {}, "thresholds": None}
-            )
-            quality = (
-                utility_lib.evaluate(config, workdir, data, synthetic, judge, real, stop)
-                if judge is not None and config.quality.enabled
-                else {}
-            )
-            run_subs([name for name in runs if name.startswith("cas/")])
+            with timer.scope(design.STAGES[1]):
+                if "judge" in runs:
+                    run_subs(["judge"])
+                    with timer.section("judging real images"):
+                        judge = stages.Judge(runs["judge"][1], info, config.scarcity.class_name)
+                        real = utility_lib.real_probabilities(config, data, judge)
+                kinds = design.needed_generators(config)
+                run_subs(list(kinds))
+                with timer.section("synthesis"):
+                    synthetic = (
+                        stages.synthesize_all(config, workdir, data, judge, real, stop)
+                        if kinds
+                        else {"count": 0, "sets": {}, "thresholds": None}
+                    )
+                with timer.section("quality"):
+                    quality = (
+                        utility_lib.evaluate(config, workdir, data, synthetic, judge, real, stop)
+                        if judge is not None and config.quality.enabled
+                        else {}
+                    )
+                run_subs([name for name in runs if name.startswith("cas/")])
             timings[design.STAGES[1]] = results_lib.elapsed(t0)
 
             # Stage 3: every other arm.
             t0 = time.perf_counter()
-            run_subs([name for name in runs if design.stage_of(name) == 3])
+            with timer.scope(design.STAGES[2]):
+                run_subs([name for name in runs if design.stage_of(name) == 3])
             timings[design.STAGES[2]] = results_lib.elapsed(t0)
 
             # Stage 4: comparisons, anomaly detection.
             t0 = time.perf_counter()
-            arms, extras = evaluation.arm_results(config, workdir, info, runs)
-            comparisons = evaluation.comparisons(config, arms, extras)
-            headroom = evaluation.headroom(config, arms, extras)
-            # The anomaly generators first: the anomaly methods score with them.
-            anomaly_runs = [name for name in runs if name.startswith("anomaly/")]
-            run_subs([name for name in anomaly_runs if runs[name][0] in design.GENERATORS])
-            run_subs([name for name in anomaly_runs if runs[name][0] not in design.GENERATORS])
-            anomaly = (
-                evaluation.anomaly_results(config, workdir, runs) if config.anomaly.enabled else {}
-            )
+            with timer.scope(design.STAGES[3]):
+                with timer.section("statistics"):
+                    arms, extras = evaluation.arm_results(config, workdir, info, runs)
+                    comparisons = evaluation.comparisons(config, arms, extras)
+                    headroom = evaluation.headroom(config, arms, extras)
+                # The anomaly generators first: the anomaly methods score with them.
+                anomaly_runs = [name for name in runs if name.startswith("anomaly/")]
+                run_subs([name for name in anomaly_runs if runs[name][0] in design.GENERATORS])
+                run_subs([name for name in anomaly_runs if runs[name][0] not in design.GENERATORS])
+                with timer.section("anomaly scoring"):
+                    anomaly = (
+                        evaluation.anomaly_results(config, workdir, runs)
+                        if config.anomaly.enabled
+                        else {}
+                    )
             timings[design.STAGES[3]] = results_lib.elapsed(t0)
     except BaseException:
         # Preempted, or any failure: the time this invocation spent is kept (timings.json) and
@@ -344,6 +361,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         config, workdir, runs, sub_results, info, arms, extras, comparisons, headroom, synthetic,
         quality, anomaly, timings, generator_source,
     )  # fmt: skip
+    results["profile"] = profile(timer, timings, sub_profiles)
     if launcher is not None:
         results["jobs"] = launcher.summary()
     problems = checks.check_results(results)
@@ -363,6 +381,34 @@ def run(config, workdir: str) -> dict[str, Any]:
     for line in results["warnings"]:
         logging.warning("[experiment] %s", line)
     return results
+
+
+def add_profile(totals: dict[str, dict[str, float]], stage: str, result) -> None:
+    """Adds a finished sub-run's own profile (results.json "profile") to its stage's sums."""
+    own = (result or {}).get("profile")
+    if not own:
+        return
+    sums = totals.setdefault(stage, {"count": 0})
+    sums["count"] += 1
+    for name, seconds in own.items():
+        sums[name] = round(sums.get(name, 0.0) + float(seconds), 2)
+
+
+def profile(timer: timing.Timer, timings, sub_profiles) -> dict[str, Any]:
+    """This invocation's profile: per stage, the seconds of each of its sections (sub-runs,
+    synthesis, quality, ...; JAX's tracing and compiles are in "trace" and "compile") and the
+    sums of the sub-runs' own profiles (setup, trace, compile, checkpoint, data, eval, finish,
+    steps)."""
+    return {
+        "stages": {
+            stage: timer.summary(timings[stage], prefix=f"{stage}/")
+            for stage in design.STAGES
+            if stage in timings
+        },
+        "sub_runs": sub_profiles,
+        "compile_cache": dict(timer.events),
+        "scope": "the invocation that finished the run (not a resumed run's earlier ones)",
+    }
 
 
 def assemble(

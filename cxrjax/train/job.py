@@ -28,6 +28,7 @@ import abc
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -36,12 +37,17 @@ import numpy as np
 
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
-from cxrjax import parallel
+from cxrjax import parallel, timing
 from cxrjax.data import pipeline
 from cxrjax.metrics import writer as writer_lib
 from cxrjax.train import loop
 from cxrjax.train import results as results_lib
 from cxrjax.train import workdir as workdir_lib
+
+# results.json "profile": this session's exclusive seconds in setup (data preparation, models),
+# trace and compile (JAX), checkpoint (restore and saves), data (waiting for input), eval,
+# finish (final evaluation and results) and, what is left, the training steps themselves.
+STEPS = "steps"
 
 
 @dataclasses.dataclass
@@ -166,18 +172,26 @@ def train(
     decision = workdir_lib.prepare(config, workdir, **workdir_options)
     if decision.finished:
         return decision.results
-    mesh = parallel.make_mesh()
-    job.prepare(config, mesh)
-    plan = job.build(config, workdir, mesh)
-    if plan.init_fn is None:  # evaluation only: no state, no checkpoints
-        decision.record(config)
-        ended = Ended(workdir, mesh, None, 0, 0, [], None, None, clock, decision)
-        return _save(job.finish(config, plan, ended), workdir, clock)
-    with fit(job, config, workdir, plan, mesh=mesh, decision=decision, clock=clock,
-             stop_at=stop_at) as ended:  # fmt: skip
-        if not ended.finished:
-            return ended.stopped()
-        return _save(job.finish(config, plan, ended), workdir, clock)
+    timer, start = timing.Timer(), time.perf_counter()
+    with timer.compiles():
+        with timer.section("setup"):
+            mesh = parallel.make_mesh()
+            job.prepare(config, mesh)
+            plan = job.build(config, workdir, mesh)
+        if plan.init_fn is None:  # evaluation only: no state, no checkpoints
+            decision.record(config)
+            ended = Ended(workdir, mesh, None, 0, 0, [], None, None, clock, decision)
+            with timer.section("finish"):
+                results = job.finish(config, plan, ended)
+            return _save(results, workdir, clock, timer.summary(time.perf_counter() - start))
+        with fit(job, config, workdir, plan, mesh=mesh, decision=decision, clock=clock,
+                 stop_at=stop_at, timer=timer) as ended:  # fmt: skip
+            if not ended.finished:
+                return ended.stopped()
+            with timer.section("finish"):
+                results = job.finish(config, plan, ended)
+            profile = timer.summary(time.perf_counter() - start, rest=STEPS)
+            return _save(results, workdir, clock, profile)
 
 
 @contextlib.contextmanager
@@ -191,9 +205,12 @@ def fit(
     decision,
     clock: results_lib.Clock,
     stop_at: int | None = None,
+    timer: timing.Timer | None = None,
 ) -> Iterator[Ended]:
     """Restores or initialises (state, iterator), runs the plan's segments and yields how
-    training ended, with the checkpointer still open (closed, with the writer, on exit)."""
+    training ended, with the checkpointer still open (closed, with the writer, on exit).
+    `timer` gets the restore ("checkpoint") and the loop's sections."""
+    timer = timer or timing.Timer()
     rng = jax.random.PRNGKey(config.seed)
     abstract = plan.abstract if plan.abstract is not None else jax.eval_shape(plan.init_fn, rng)
     replicated = parallel.replicated(mesh)
@@ -205,7 +222,7 @@ def fit(
         best_metric=ranked,
     )
     abstract_placed = checkpoint_lib.abstract_like(abstract, replicated)
-    with checkpoint_lib.closing_on_error(checkpointer):
+    with checkpoint_lib.closing_on_error(checkpointer), timer.section("checkpoint"):
         state, start_step = checkpoint_lib.restore_or_init(
             checkpointer,
             abstract_placed,
@@ -251,6 +268,7 @@ def fit(
                 max_bad_fraction=pipeline.max_bad_fraction(config.data),
                 stop_at=stop_at,
                 clock=clock,
+                timer=timer,
             )
             state, step = outcome.state, outcome.step
             history.extend(outcome.history)
@@ -277,8 +295,11 @@ def _whole_run(config, plan: Plan) -> list[Segment]:
     return [Segment(int(config.train.num_steps), plan.train_step, batch)]
 
 
-def _save(results: dict[str, Any], workdir: str, clock: results_lib.Clock) -> dict[str, Any]:
+def _save(
+    results: dict[str, Any], workdir: str, clock: results_lib.Clock, profile: dict[str, float]
+) -> dict[str, Any]:
     results["wall_time_s"] = clock.total()
+    results["profile"] = profile
     if parallel.is_main_process():
         results_lib.save_results(os.path.join(workdir, "results.json"), results)
     return results

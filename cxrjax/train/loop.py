@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
-from cxrjax import parallel
+from cxrjax import parallel, timing
 from cxrjax.metrics import writer as writer_lib
 
 # Batch keys that travel to the devices; everything else (ids, provenance tags) stays home.
@@ -242,6 +242,7 @@ def run(
     stop_at: int | None = None,
     max_bad_fraction: float = 0.01,
     clock: Any | None = None,
+    timer: timing.Timer | None = None,
 ) -> LoopResult:
     """Runs steps `start_step+1 .. num_steps` (or until `stop_at`), saving on the way.
 
@@ -250,7 +251,8 @@ def run(
     `max_bad_fraction`: the share of masked (unreadable) input records, over the examples this
     session has read, above which the run stops with BadRecordsError (checked at log steps).
     `clock` (results.Clock): its total wall time so far is saved in every checkpoint's
-    metadata, so a resumed run's wall time counts every session.
+    metadata, so a resumed run's wall time counts every session. `timer` (timing.Timer) gets
+    the seconds spent waiting for input ("data"), evaluating ("eval") and saving ("checkpoint").
     Raises NonFiniteError (see the module docstring), BadRecordsError, or
     checkpoint.CheckpointError when a save fails.
     """
@@ -259,6 +261,7 @@ def run(
             f"config.train.nonfinite: must be one of ['skip', 'abort'], got {nonfinite!r}"
         )
     progress = writer_lib.Progress(num_steps, start_step, images_per_step, label=label)
+    timer = timer or timing.Timer()
     history: list[dict[str, float]] = []
     last_saved = start_step
     last_eval: dict[str, float] = {}
@@ -286,12 +289,14 @@ def run(
         meta = dict(metadata or {})
         if clock is not None:
             meta["wall_time_s"] = clock.total()
-        checkpointer.save(step, state, data_iterator=batches, metadata=meta, metrics=metrics)
+        with timer.section("checkpoint"):
+            checkpointer.save(step, state, data_iterator=batches, metadata=meta, metrics=metrics)
         last_saved = step
 
     with PreemptionGuard() as guard:
         while step < end:
-            host_batch = next(batches)
+            with timer.section("data"):
+                host_batch = next(batches)
             bad_records.add(host_batch)
             batch = device_batch(host_batch, mesh)
             step_rng = jax.random.fold_in(rng, step)
@@ -316,7 +321,8 @@ def run(
                     scalars.update(bad_records.check(step))
                 scalars.update(progress.update(step, scalars))
                 if is_eval:
-                    last_eval, last_eval_step = dict(eval_fn(state, step)), step
+                    with timer.section("eval"):
+                        last_eval, last_eval_step = dict(eval_fn(state, step)), step
                     progress.exclude_elapsed()  # images/s and ETA count training steps only
                     scalars.update(last_eval)
                     logging.info(
@@ -334,7 +340,8 @@ def run(
             if check_now and guard.requested(step) and step < end:
                 save(step)
                 if checkpointer is not None:
-                    checkpointer.wait()
+                    with timer.section("checkpoint"):
+                        checkpointer.wait()
                 logging.warning(
                     "preempted (%s) at step %d; checkpoint committed. Re-run the same command to "
                     "resume.",
@@ -345,6 +352,7 @@ def run(
                 return LoopResult(state, step, preempted=True, history=history)
     save(step)
     if checkpointer is not None:
-        checkpointer.wait()
+        with timer.section("checkpoint"):
+            checkpointer.wait()
     writer.flush()
     return LoopResult(state, step, preempted=False, history=history)
