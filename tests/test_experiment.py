@@ -143,9 +143,10 @@ def test_smoke_results_follow_the_schema_and_invariants(smoke_run):
         parts = sum(v for k, v in row.items() if k != "total")
         assert abs(parts - row["total"]) < 0.1 and row["total"] == results["wall_time_s"][stage]
         assert row["sub-runs"] > 0 and row["compile"] > 0
-    assert profile["sub_runs"]["classifier_arms"]["count"] == sum(
-        len(a["per_seed"]) for a in results["arms"].values()
-    ) - 2 * seeds  # real_scarce and real_full ran in stage 1
+    assert (
+        profile["sub_runs"]["classifier_arms"]["count"]
+        == sum(len(a["per_seed"]) for a in results["arms"].values()) - 2 * seeds
+    )  # real_scarce and real_full ran in stage 1
     assert profile["sub_runs"]["classifier_arms"]["steps"] > 0
     assert "## Where the time went" in report
     assert "verdicts" in smoke_run["stdout"]

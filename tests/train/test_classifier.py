@@ -251,3 +251,29 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes(shipped_dat
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 151)), "steps repeated or skipped across the resume"
     assert json.loads((workdir / "results.json").read_text())["num_steps"] == 150
+
+
+def test_runs_of_one_computation_share_their_jitted_steps():
+    """An experiment's ~50 classifier sub-runs: same model/optimizer/loss -> one jitted step
+    (no re-trace); anything the step closes over (weights, lr, model) -> a new one."""
+    config = classifier_configs.get_config("tiny")
+    mesh = parallel.make_mesh()
+    model = classifier.make_model(config.model, BINARY.num_classes)
+    tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
+    init = lambda rng: classifier.init_state(model, tx, rng, (28, 28, 1), use_ema=True)  # noqa: E731
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    ones = np.ones(2, np.float32)
+
+    def steps(config, weights=ones):
+        return classifier_run._compile(config, BINARY, model, tx, schedule, mesh, abstract, weights)
+
+    first = steps(config)
+    other_seed = config.copy_and_resolve_references()
+    other_seed.seed = 7
+    other_seed.data.keep_seed = 3
+    assert steps(other_seed) is first
+    assert steps(config, np.array([1.0, 3.0], np.float32)) is not first
+    faster = config.copy_and_resolve_references()
+    faster.optim.lr = 2 * config.optim.lr
+    assert steps(faster) is not first
+    assert steps(config) is first
