@@ -90,7 +90,7 @@ def main(argv):
         return (x - a * x0) / b
 
     def sampler(model_fn, eta_of_t, clip, w, trace=False):
-        """DDIM with a per-step eta (a function of t); the update is diffusion._ddim_loop's."""
+        """DDIM with a per-step eta (a function of t): the library's `diffusion.ddim_step`."""
         ts = diffusion.ddim_timesteps(schedule.num_timesteps - 1, steps)
         t_prev = np.append(ts[1:], -1)
         if w > 0:
@@ -98,16 +98,10 @@ def main(argv):
 
         @jax.jit
         def one(x, t, t_prev, eta, key, labels):
-            tb = jnp.full((x.shape[0],), t, jnp.int32)
-            x0, eps = diffusion.prediction_to_x0_eps(
-                schedule, x, tb, model_fn(x, tb, labels), prediction, clip
-            )
-            ab = schedule.alphas_cumprod[t]
-            ab_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
-            sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-            direction = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
-            noise = jax.random.normal(key, x.shape, x.dtype)
-            return jnp.sqrt(ab_prev) * x0 + direction + sigma * noise, x0
+            return diffusion.ddim_step(
+                model_fn, schedule, x, t, t_prev, key, labels,
+                eta=eta, prediction=prediction, clip_x0=clip,
+            )  # fmt: skip
 
         def draw(rng, labels):
             x = jax.random.normal(rng, (len(labels), *shape))

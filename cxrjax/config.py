@@ -43,7 +43,7 @@ def check_positive(config: Any, field: str, *, allow_zero: bool = False) -> None
 
 
 # ------------------------------------------------------------------------ declarative rules
-NUMBER, INT, BOOL, TEXT, CHOICE, PATH, INTS = (
+NUMBER, INT, BOOL, TEXT, CHOICE, PATH, INTS, SUBSET = (
     "number",
     "int",
     "bool",
@@ -51,14 +51,16 @@ NUMBER, INT, BOOL, TEXT, CHOICE, PATH, INTS = (
     "choice",
     "path",
     "ints",
+    "subset",
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """What one field accepts. `kind`: number (int or float, always finite), int, bool, text,
-    choice (one of `choices`), path (an existing `path_kind` "dir"/"file" when non-empty),
-    ints (a non-empty sequence of ints, each in range; `allow_empty` also takes ()). Bounds:
+    choice (one of `choices`), subset (a non-empty sequence of distinct `choices`), path (an
+    existing `path_kind` "dir"/"file" when non-empty), ints (a non-empty sequence of ints, each
+    in range; `allow_empty` also takes ()). Bounds:
     ge/gt/le/lt (None = open)."""
 
     kind: str
@@ -75,6 +77,8 @@ class Rule:
         """What is allowed, in words (for messages and docs)."""
         if self.kind == CHOICE:
             return f"one of {list(self.choices)}"
+        if self.kind == SUBSET:
+            return f"a non-empty list of distinct names from {list(self.choices)}"
         if self.kind == BOOL:
             return "True or False"
         if self.kind == PATH:
@@ -102,6 +106,14 @@ class Rule:
             return None if isinstance(value, bool) else f"must be {self.allowed()}"
         if self.kind == CHOICE:
             return None if value in self.choices else f"must be {self.allowed()}"
+        if self.kind == SUBSET:
+            if not isinstance(value, list | tuple):
+                return f"must be {self.allowed()}"
+            unknown = [v for v in value if v not in self.choices]
+            if unknown:
+                return f"must be {self.allowed()}; unknown: {unknown}"
+            ok = 0 < len(set(value)) == len(value)
+            return None if ok else f"must be {self.allowed()}"
         if self.kind in (TEXT, PATH):
             if not isinstance(value, str):
                 return f"must be {self.allowed()}"
@@ -135,6 +147,8 @@ class Rule:
             return ["maybe"]
         if self.kind == CHOICE:
             return ["no_such_choice"]
+        if self.kind == SUBSET:
+            return ["no_such_choice", "()"]
         if self.kind == PATH:
             return ["/nonexistent/cxrjax-missing"]
         if self.kind == TEXT:
@@ -181,6 +195,10 @@ def integer(**bounds) -> Rule:
 
 def choice(*choices: Any) -> Rule:
     return Rule(CHOICE, choices=tuple(choices))
+
+
+def subset(*choices: Any) -> Rule:
+    return Rule(SUBSET, choices=tuple(choices))
 
 
 def text(nonempty: bool = False) -> Rule:
@@ -359,10 +377,15 @@ def declared(field: str, rules: Sequence[tuple[str, Rule]] = RULES) -> bool:
 
 
 def check_fields(
-    config: Any, rules: Sequence[tuple[str, Rule]] = (), *, skip: tuple[str, ...] = ()
+    config: Any,
+    rules: Sequence[tuple[str, Rule]] = (),
+    *,
+    skip: tuple[str, ...] = (),
+    prefix: str = "",
 ) -> None:
     """Checks every leaf of `config` against `rules` (first) then `RULES`; raises ConfigError
-    `config.<field>: must be <allowed>, got <value>` for the first bad one."""
+    `config.<prefix><field>: must be <allowed>, got <value>` for the first bad one (`prefix`
+    names a section checked on its own, e.g. "classifier." inside an experiment config)."""
     table = (*rules, *RULES)
     for field, value in leaves(config):
         if any(fnmatch.fnmatchcase(field, pattern) for pattern in skip):
@@ -375,7 +398,7 @@ def check_fields(
         else:
             problem = rule.problem(value)
         if problem:
-            raise ConfigError(f"config.{field}: {problem}, got {value!r}")
+            raise ConfigError(f"config.{prefix}{field}: {problem}, got {value!r}")
 
 
 def get(config: Any, dotted: str) -> Any:

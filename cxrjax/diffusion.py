@@ -321,22 +321,48 @@ def _ddpm_loop(model_fn, schedule, x_t, start, rng, labels, prediction, clip_x0,
     return _sample_loop(step, x_t, np.arange(start, -1, -1, dtype=np.int32), rng)
 
 
-def _ddim_loop(model_fn, schedule, x_t, start, steps, rng, labels, prediction, clip_x0, eta):
+def ddim_step(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    x: jax.Array,
+    t: jax.Array | int,
+    t_prev: jax.Array | int,
+    rng: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    eta: float | jax.Array = 0.0,
+    prediction: str = "eps",
+    clip_x0: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """One DDIM update from index t to t_prev (-1: the clean end): (x_{t_prev}, x0 estimate).
+
+    The samplers scan it; `eta` may differ per step (a traced value), as in benchmarks/ddim_eta.
+    """
+    tb = jnp.full((x.shape[0],), t, jnp.int32)
+    x0, eps = prediction_to_x0_eps(schedule, x, tb, model_fn(x, tb, labels), prediction, clip_x0)
+    ab = schedule.alphas_cumprod[t]
+    ab_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+    # DDIM eq. 16: eta = 1 gives the DDPM posterior variance, eta = 0 a deterministic map.
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    dir_xt = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
+    noise = jax.random.normal(rng, x.shape, x.dtype)
+    return jnp.sqrt(ab_prev) * x0 + dir_xt + sigma * noise, x0
+
+
+def _ddim_loop(model_fn, schedule, x_t, ts, rng, labels, **step_options):
     def step(x, xs):
         t, t_prev, key = xs
-        tb = jnp.full((x.shape[0],), t, jnp.int32)
-        x0, eps = prediction_to_x0_eps(
-            schedule, x, tb, model_fn(x, tb, labels), prediction, clip_x0
-        )
-        ab = schedule.alphas_cumprod[t]
-        ab_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
-        # DDIM eq. 16: eta = 1 gives the DDPM posterior variance, eta = 0 a deterministic map.
-        sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-        dir_xt = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
-        noise = jax.random.normal(key, x.shape, x.dtype)
-        return jnp.sqrt(ab_prev) * x0 + dir_xt + sigma * noise
+        return ddim_step(model_fn, schedule, x, t, t_prev, key, labels, **step_options)[0]
 
-    return _sample_loop(step, x_t, ddim_timesteps(start, steps), rng)
+    return _sample_loop(step, x_t, ts, rng)
+
+
+def _start(rng: jax.Array, shape: tuple[int, ...], x_T: jax.Array | None):
+    """(x_T ~ N(0, I) unless given, the sampling loop's key)."""
+    noise_rng, loop_rng = jax.random.split(rng)
+    if x_T is None:
+        x_T = jax.random.normal(noise_rng, shape, jnp.float32)
+    return x_T, loop_rng
 
 
 def ddpm_sample(
@@ -357,20 +383,11 @@ def ddpm_sample(
 
     guidance_scale None skips the unconditional pass; a value (may be traced) applies CFG.
     """
-    noise_rng, loop_rng = jax.random.split(rng)
-    if x_T is None:
-        x_T = jax.random.normal(noise_rng, shape, jnp.float32)
+    x_T, loop_rng = _start(rng, shape, x_T)
     model_fn = _maybe_guided(model_fn, guidance_scale, null_id)
+    start = schedule.num_timesteps - 1
     return _ddpm_loop(
-        model_fn,
-        schedule,
-        x_T,
-        schedule.num_timesteps - 1,
-        loop_rng,
-        labels,
-        prediction,
-        clip_x0,
-        variance,
+        model_fn, schedule, x_T, start, loop_rng, labels, prediction, clip_x0, variance
     )
 
 
@@ -390,21 +407,19 @@ def ddim_sample(
     x_T: jax.Array | None = None,
 ) -> jax.Array:
     """DDIM (Song et al. 2021) with `steps` (static) steps; eta = 0 is deterministic given x_T."""
-    noise_rng, loop_rng = jax.random.split(rng)
-    if x_T is None:
-        x_T = jax.random.normal(noise_rng, shape, jnp.float32)
+    x_T, loop_rng = _start(rng, shape, x_T)
     model_fn = _maybe_guided(model_fn, guidance_scale, null_id)
+    ts = ddim_timesteps(schedule.num_timesteps - 1, steps)
     return _ddim_loop(
         model_fn,
         schedule,
         x_T,
-        schedule.num_timesteps - 1,
-        steps,
+        ts,
         loop_rng,
         labels,
-        prediction,
-        clip_x0,
-        eta,
+        eta=eta,
+        prediction=prediction,
+        clip_x0=clip_x0,
     )
 
 
@@ -436,17 +451,17 @@ def reconstruct(
     x_t = q_sample(schedule, x0, t, jax.random.normal(noise_rng, x0.shape, x0.dtype))
     model_fn = _maybe_guided(model_fn, guidance_scale, null_id)
     if sampler == "ddim":
+        ts = ddim_timesteps(t_star, steps or t_star + 1)
         return _ddim_loop(
             model_fn,
             schedule,
             x_t,
-            t_star,
-            steps or t_star + 1,
+            ts,
             loop_rng,
             labels,
-            prediction,
-            clip_x0,
-            eta,
+            eta=eta,
+            prediction=prediction,
+            clip_x0=clip_x0,
         )
     if sampler == "ddpm":
         return _ddpm_loop(

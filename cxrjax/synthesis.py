@@ -369,14 +369,13 @@ def synthesize_filtered(
     max_attempts: int,
     seed: int = 0,
     batch_size: int = 64,
-    sampler: str = "ddim",
-    steps: int = 50,
-    guidance: float | None = None,
-    eta: float | None = None,
     pool: np.ndarray | None = None,
     pool_source: Mapping[str, Any] | None = None,
+    **sampling: Any,
 ) -> dict[str, Any]:
     """Like `synthesize`, keeping only images a judge accepts as class `intended`.
+
+    `sampling`: `load_generator`'s sampler options (sampler, steps, guidance, eta).
 
     `judge(uint8 [B, H, W]) -> probabilities [B, K]` over `judge_class_names`; an image is kept
     when the judge's top class is `intended` and its confidence >= thresholds[intended]
@@ -395,9 +394,7 @@ def synthesize_filtered(
     if intended not in judge_class_names:
         raise config_lib.ConfigError(f"intended class {intended!r} not in {judge_class_names}")
     output = os.path.abspath(os.path.expanduser(output))
-    sample_fn, info = load_generator(
-        kind, workdir, sampler=sampler, steps=steps, guidance=guidance, eta=eta
-    )
+    sample_fn, info = load_generator(kind, workdir, **sampling)
     class_names = info["class_names"]
     label = _label_index(intended, class_names, info["conditional"]) if info["conditional"] else 0
     judge_label = judge_class_names.index(intended)

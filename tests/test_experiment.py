@@ -275,14 +275,14 @@ def test_sigterm_in_stage_3_then_rerun_finishes_with_the_same_results(
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("arms", ("real_scarce", "gan"), "unknown arms"),
+        ("arms", ("real_scarce", "gan"), r"config\.arms: .*unknown: \['gan'\]"),
         ("data.val_split", "test", "data.val_split"),
         ("quality.real_split", "test", "quality.real_split"),
         ("scarcity.fraction", 0.0, "scarcity.fraction"),
         ("anomaly.generators", "borrowed", "anomaly.generators"),
         ("generators", "borrowed", "generators"),
         ("filter.keep", 0.0, "filter.keep"),
-        ("classifier.train.global_batch_size", 0, "arms/real_scarce/seed0"),
+        ("classifier.train.global_batch_size", 0, "config.classifier.train.global_batch_size"),
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):

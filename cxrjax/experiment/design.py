@@ -54,6 +54,50 @@ ANOMALY_METHODS = ("fanogan", "ddpm")
 STAGES = ("data_and_headroom", "generators_and_synthesis", "classifier_arms", "evaluation")
 GENERATOR_SOURCES = ("train", "shipped")
 QUALITY_SPACES = ("judge", "pixels")  # besides any cxrjax.features spec
+EMBEDDINGS = ("pca", "tsne")  # cxrjax.quality.EMBEDDINGS (not imported: configs load this)
+
+# Sections of an experiment config that are a job family's own config (configs/<family>.py):
+# section -> driver kind. Each is checked with its driver's RULES, the rest with RULES below.
+SECTIONS = {
+    "classifier": "classifier",
+    "pggan": "pggan",
+    "ddpm": "ddpm",
+    "fanogan": "anomaly",
+    "ddpm_score": "anomaly",
+    "anomaly_pggan": "pggan",
+    "anomaly_ddpm": "ddpm",
+}
+_r = config_lib
+# The experiment's own fields (besides config.RULES and the launcher's, launchers.RULES).
+RULES: tuple[tuple[str, config_lib.Rule], ...] = (
+    ("arms", _r.subset(*ARMS)),
+    ("seeds", _r.integer(ge=1)),
+    ("generators", _r.choice(*GENERATOR_SOURCES)),
+    ("scarcity.class_name", _r.text(nonempty=True)),
+    ("scarcity.fraction", _r.number(gt=0, le=1)),
+    ("synthesis.balance", _r.number(ge=0)),
+    ("synthesis.count", _r.integer(ge=0)),
+    ("synthesis.quality_per_class", _r.integer(ge=0)),
+    ("synthesis.sampler", _r.choice("ddim", "ddpm")),
+    ("synthesis.guidance", _r.number()),  # < 0: each DDPM run's own guidance
+    ("filter.keep", _r.number(gt=0, le=1)),
+    ("filter.max_attempts_factor", _r.integer(ge=1)),
+    ("quality.cas", _r.Rule(config_lib.BOOL)),
+    ("quality.extractor", _r.text(nonempty=True)),
+    ("quality.embedding", _r.choice(*EMBEDDINGS)),
+    ("quality.fidelity_margin", _r.number(ge=0, le=1)),
+    ("quality.kid_*", _r.integer(ge=1)),
+    ("quality.*per_class", _r.integer(ge=0)),  # 0: the scarce split's scarce-class count
+    ("quality.max_images", _r.integer(ge=0)),  # 0: all
+    ("headroom.min_gap", _r.number(ge=0)),
+    ("anomaly.generators", _r.choice("dedicated", "shared")),
+    ("anomaly.features", _r.choice("judge", "pixels")),
+    ("anomaly.methods", _r.subset(*ANOMALY_METHODS)),
+    ("anomaly.normal_class", _r.text(nonempty=True)),
+    ("eval.alpha", _r.number(gt=0, lt=1)),
+    ("eval.hierarchical_bootstrap", _r.integer(ge=0)),
+    ("figures.explain_per_class", _r.integer(ge=0)),  # 0: no explanation figure
+)
 
 
 def arm_generator(arm: str) -> str | None:
@@ -317,14 +361,33 @@ def training_splits(kind: str, sub) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- validation
+def _own_rules() -> tuple[tuple[str, config_lib.Rule], ...]:
+    from cxrjax.experiment import launchers  # submitit: not for every config load
+
+    return (*RULES, *launchers.RULES, *config_lib.RULES)
+
+
+def field_rule(field: str, value=None) -> config_lib.Rule:
+    """The rule of one dotted field of an experiment config (a section's: its driver's)."""
+    section, _, rest = field.partition(".")
+    if section in SECTIONS and rest:
+        table = (*driver(SECTIONS[section]).RULES, *config_lib.RULES)
+        return config_lib.rule_for(rest, value, table)
+    return config_lib.rule_for(field, value, _own_rules())
+
+
+def check_fields(config) -> None:
+    """Every field's type and range, named as the user gives it (`config.classifier.optim.lr`):
+    the experiment's own by RULES, each family section by its driver's RULES."""
+    config_lib.check_fields(config, _own_rules(), skip=tuple(f"{s}.*" for s in SECTIONS))
+    for section, kind in SECTIONS.items():
+        config_lib.check_fields(config[section], driver(kind).RULES, prefix=f"{section}.")
+
+
 def validate(config, workdir: str | None = None) -> None:
     """Every experiment field and every sub-run config, checked before any data read."""
+    check_fields(config)
     check = config_lib.check
-    arms = tuple(config.arms)
-    check(bool(arms) and len(set(arms)) == len(arms), "arms", "must be distinct, non-empty")
-    unknown = sorted(set(arms) - set(ARMS))
-    check(not unknown, "arms", f"unknown arms {unknown}; choose from {ARMS}")
-    check(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "must be an int >= 1")
     data = config.data
     from cxrjax.data import builders
 
@@ -334,49 +397,25 @@ def validate(config, workdir: str | None = None) -> None:
     check(train != test, "data.train_split", "must differ from test_split")
     check(val != test, "data.val_split", "must differ from test_split")
     check(val != train, "data.val_split", "must differ from train_split")
-    check(bool(config.scarcity.class_name), "scarcity.class_name", "must name a class")
-    check(
-        0.0 < config.scarcity.fraction <= 1.0,
-        "scarcity.fraction",
-        f"must be in (0, 1], got {config.scarcity.fraction}",
-    )
     synthesis = config.synthesis
-    check(synthesis.balance > 0 or synthesis.count > 0, "synthesis.balance", "must be > 0")
-    check(synthesis.count >= 0, "synthesis.count", "must be >= 0")
-    check(synthesis.quality_per_class >= 0, "synthesis.quality_per_class", "must be >= 0")
-    check(synthesis.steps >= 1 and synthesis.batch_size >= 1, "synthesis.steps", "must be >= 1")
-    config_lib.check_choice(config, "synthesis.sampler", ("ddim", "ddpm"))
-    config_lib.check_choice(config, "generators", GENERATOR_SOURCES)
-    check(0.0 < config.filter.keep <= 1.0, "filter.keep", "must be in (0, 1]")
-    check(config.filter.max_attempts_factor >= 1, "filter.max_attempts_factor", "must be >= 1")
+    check(
+        synthesis.balance > 0 or synthesis.count > 0,
+        "synthesis.balance",
+        "must be > 0 (or synthesis.count > 0)",
+    )
     check(
         builders.canonical_split(config.quality.real_split) != test,
         "quality.real_split",
         "must not be the test split (the test split only gives the final numbers)",
     )
-    check(
-        0.0 <= config.quality.fidelity_margin <= 1.0,
-        "quality.fidelity_margin",
-        "must be in [0, 1]",
-    )
-    check(config.quality.cas_per_class >= 0, "quality.cas_per_class", "must be >= 0")
     if config.quality.enabled and config.quality.extractor not in QUALITY_SPACES:
         from cxrjax import features
 
         features.parse_spec(config.quality.extractor)
-    check(config.headroom.min_gap >= 0, "headroom.min_gap", "must be >= 0")
     from cxrjax.experiment import launchers
 
     launchers.validate(config.launcher)
-    config_lib.check_choice(config, "anomaly.generators", ("dedicated", "shared"))
-    config_lib.check_choice(config, "anomaly.features", ("judge", "pixels"))
     methods = tuple(config.anomaly.methods)
-    bad = sorted(set(methods) - set(ANOMALY_METHODS))
-    check(not bad, "anomaly.methods", f"unknown methods {bad}; choose from {ANOMALY_METHODS}")
-    check(0.0 < config.eval.confidence < 1.0, "eval.confidence", "must be in (0, 1)")
-    check(0.0 < config.eval.alpha < 1.0, "eval.alpha", "must be in (0, 1)")
-    check(config.eval.bootstrap >= 0, "eval.bootstrap", "must be >= 0")
-    check(config.eval.hierarchical_bootstrap >= 0, "eval.hierarchical_bootstrap", "must be >= 0")
     if config.anomaly.enabled and config.anomaly.generators == "shared":
         for method in methods:
             kind = "pggan" if method == "fanogan" else "ddpm"

@@ -34,6 +34,7 @@ from cxrjax import fileio, parallel, timing
 from cxrjax.experiment import checks, design, evaluation, figures, launchers, stages
 from cxrjax.experiment import report as report_lib
 from cxrjax.experiment import utility as utility_lib
+from cxrjax.train import loop
 from cxrjax.train import results as results_lib
 from cxrjax.train import workdir as workdir_lib
 
@@ -71,8 +72,8 @@ class Preempted(Exception):
         )
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT -> a flag polled between sub-runs.
+class _StopFlag(loop.PreemptionGuard):
+    """SIGTERM/SIGINT -> a flag polled between sub-runs (the training loop's guard, plus...).
 
     Training loops install their own handlers while they run (they save and return
     "preempted"), and a signal landing in a loop's last moments (its final save) is taken by
@@ -80,20 +81,15 @@ class _StopFlag:
     wakeup fd, which receives every handled signal's number whichever handler is installed.
     """
 
-    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self):
-        self._event = threading.Event()
-        self._previous: dict[int, Any] = {}
+        super().__init__()
         self._previous_fd: int | None = None
         self._pipe: tuple[int, int] | None = None
-        self.signal_name: str | None = None
 
     def __enter__(self) -> _StopFlag:
+        super().__enter__()
         if threading.current_thread() is not threading.main_thread():
             return self
-        for sig in self._SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
@@ -107,13 +103,7 @@ class _StopFlag:
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = None
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        self.signal_name = signal.Signals(signum).name
-        self._event.set()
+        super().__exit__(*exc)
 
     def _drain(self) -> None:
         if self._pipe is None:
@@ -123,7 +113,7 @@ class _StopFlag:
         except BlockingIOError:
             return
         for number in data:
-            if number in self._SIGNALS:
+            if number in self._signals:
                 self.signal_name = self.signal_name or signal.Signals(number).name
                 self._event.set()
 

@@ -302,14 +302,22 @@ def _fresh(folder: str) -> None:
     sync(f"rm {folder}")
 
 
-def _sampler_options(config) -> dict[str, Any]:
+def _synthesize(synthesize_fn, kind, generator_dir, folder, num_images, config, **request):
+    """One `synthesis.synthesize*` call with the experiment's sampler options, then a sync."""
     s = config.synthesis
-    return {
-        "batch_size": int(s.batch_size),
-        "sampler": s.sampler,
-        "steps": int(s.steps),
-        "guidance": None if s.guidance < 0 else float(s.guidance),
-    }
+    provenance = synthesize_fn(
+        kind,
+        generator_dir,
+        num_images=int(num_images),
+        output=folder,
+        batch_size=int(s.batch_size),
+        sampler=s.sampler,
+        steps=int(s.steps),
+        guidance=None if s.guidance < 0 else float(s.guidance),
+        **request,
+    )
+    sync(f"synthesized {folder}")
+    return provenance
 
 
 def synthesize_set(kind, generator_dir, folder, *, num_images, label, seed, config, mode="new"):
@@ -321,18 +329,17 @@ def synthesize_set(kind, generator_dir, folder, *, num_images, label, seed, conf
         return done
     if mode == "new":
         _fresh(folder)
-    provenance = synthesis.synthesize(
+    return _synthesize(
+        synthesis.synthesize,
         kind,
         generator_dir,
-        num_images=int(num_images),
-        output=folder,
+        folder,
+        num_images,
+        config,
         label=label,
         seed=int(seed),
         mode=mode,
-        **_sampler_options(config),
     )
-    sync(f"synthesized {folder}")
-    return provenance
 
 
 def _drawn_images(folder: str, provenance: Mapping[str, Any]) -> np.ndarray:
@@ -369,11 +376,13 @@ def synthesize_filtered_set(
     if source is not None:
         pool = _drawn_images(pool_folder, pool_provenance)
     _fresh(folder)
-    provenance = synthesis.synthesize_filtered(
+    provenance = _synthesize(
+        synthesis.synthesize_filtered,
         kind,
         generator_dir,
-        num_images=int(num_images),
-        output=folder,
+        folder,
+        num_images,
+        config,
         intended=judge.class_names[0] if judge.multilabel else config.scarcity.class_name,
         judge=judge.probs,
         judge_class_names=judge.class_names,
@@ -382,9 +391,7 @@ def synthesize_filtered_set(
         seed=seed,
         pool=pool,
         pool_source=source,
-        **_sampler_options(config),
     )
-    sync(f"synthesized {folder}")
     filt = provenance["filter"]
     log(
         2,

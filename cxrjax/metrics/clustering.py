@@ -159,23 +159,22 @@ def _davies_bouldin(centroids, abs_sum, counts) -> float:
     return float(np.mean(ratios.max(axis=1)))
 
 
-def _moments_or_warn(x, labels, name):
-    """(centroids, abs_sum, sq_sum, counts), or None after a warning when degenerate."""
+def _from_moments(x, labels, name, score_fn) -> float:
+    """score_fn(centroids, abs_sum, sq_sum, counts) of the clusters; NaN after a warning when
+    they are degenerate."""
     x, codes, counts = _encode(x, labels)
     reason = _degenerate(len(x), len(counts), name)
     if reason:
         generative.warn(reason)
-        return None
-    return (*_cluster_moments(x, codes, len(counts)), counts)
+        return math.nan
+    return score_fn(*_cluster_moments(x, codes, len(counts)), counts)
 
 
 def davies_bouldin_score(x, labels) -> float:
     """Mean over clusters of the worst (scatter_i + scatter_j) / centroid gap; lower is better."""
-    moments = _moments_or_warn(x, labels, "Davies-Bouldin")
-    if moments is None:
-        return math.nan
-    centroids, abs_sum, _, counts = moments
-    return _davies_bouldin(centroids, abs_sum, counts)
+    return _from_moments(
+        x, labels, "Davies-Bouldin", lambda c, abs_sum, _, n: _davies_bouldin(c, abs_sum, n)
+    )
 
 
 def _calinski_harabasz(centroids, sq_sum, counts) -> float:
@@ -191,11 +190,9 @@ def _calinski_harabasz(centroids, sq_sum, counts) -> float:
 
 def calinski_harabasz_score(x, labels) -> float:
     """Between- over within-cluster dispersion, scaled by (N - K) / (K - 1); higher is better."""
-    moments = _moments_or_warn(x, labels, "Calinski-Harabasz")
-    if moments is None:
-        return math.nan
-    centroids, _, sq_sum, counts = moments
-    return _calinski_harabasz(centroids, sq_sum, counts)
+    return _from_moments(
+        x, labels, "Calinski-Harabasz", lambda c, _, sq_sum, n: _calinski_harabasz(c, sq_sum, n)
+    )
 
 
 def cluster_scores(x, labels, *, chunk_size: int = 1024) -> dict[str, Any]:

@@ -289,42 +289,46 @@ def hierarchical_bootstrap(
     `estimate` (on the original data), the resamples' `mean`, `std`, percentile `ci`, two-sided
     `p_value` (see `_bootstrap_p`), `n_resamples`, `n_seeds`, `n_images`.
     """
+    return _bootstrap(
+        _fast_differences, y_true, scores_a, scores_b, n_resamples, seed, level, metric
+    )
+
+
+def _hierarchical_bootstrap_loop(y_true: Any, scores_a: Any, scores_b: Any, **options) -> dict:
+    """Reference for tests: the same draws as `hierarchical_bootstrap`, with loops and sklearn."""
+    options = {"n_resamples": 1000, "seed": 0, "level": 0.95, "metric": "auc", **options}
+    return _bootstrap(_loop_differences, y_true, scores_a, scores_b, **options)
+
+
+def _bootstrap(differences_fn, y_true, scores_a, scores_b, n_resamples, seed, level, metric):
+    """Checks, draws and summary shared by both implementations; `differences_fn(y, a, b,
+    draws) -> (estimate, per-resample differences [B])` is what they differ in."""
     _check_metric(metric, n_resamples)
     y, a, b = _prepare(y_true, scores_a, scores_b)
-    n_seeds = a.shape[0]
-    pairs = [(_SeedAUC(a[s], y), _SeedAUC(b[s], y)) for s in range(n_seeds)]
+    draws = _draws(np.random.default_rng(seed), y, a.shape[0], n_resamples)
+    estimate, diffs = differences_fn(y, a, b, draws)
+    return _summary(estimate, diffs, level, a.shape[0], len(y))
+
+
+def _fast_differences(y, a, b, draws):
+    pairs = [(_SeedAUC(a[s], y), _SeedAUC(b[s], y)) for s in range(a.shape[0])]
     pos_all, ones = np.flatnonzero(y)[None], np.ones((1, int((~y).sum())))
     estimate = np.mean([fa(pos_all, ones)[0] - fb(pos_all, ones)[0] for fa, fb in pairs])
-    rng = np.random.default_rng(seed)
     parts = []
-    for seed_idx, pos_idx, neg_idx in _draws(rng, y, n_seeds, n_resamples):
+    for seed_idx, pos_idx, neg_idx in draws:
         # AUC difference of every seed on this block's images [B, S], then the drawn seeds' mean.
         counts = _neg_counts(neg_idx, y)
         d = np.stack([fa(pos_idx, counts) - fb(pos_idx, counts) for fa, fb in pairs], axis=1)
         parts.append(np.take_along_axis(d, seed_idx, axis=1).mean(axis=1))
-    return _summary(estimate, np.concatenate(parts), level, n_seeds, len(y))
+    return estimate, np.concatenate(parts)
 
 
-def _hierarchical_bootstrap_loop(
-    y_true: Any,
-    scores_a: Any,
-    scores_b: Any,
-    *,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-    metric: str = "auc",
-) -> dict:
-    """Reference for tests: the same draws as `hierarchical_bootstrap`, with loops and sklearn."""
-    _check_metric(metric, n_resamples)
-    y, a, b = _prepare(y_true, scores_a, scores_b)
-    n_seeds = a.shape[0]
+def _loop_differences(y, a, b, draws):
     estimate = np.mean(
-        [skm.roc_auc_score(y, a[s]) - skm.roc_auc_score(y, b[s]) for s in range(n_seeds)]
+        [skm.roc_auc_score(y, a[s]) - skm.roc_auc_score(y, b[s]) for s in range(a.shape[0])]
     )
-    rng = np.random.default_rng(seed)
     diffs = []
-    for seed_idx, pos_idx, neg_idx in _draws(rng, y, n_seeds, n_resamples):
+    for seed_idx, pos_idx, neg_idx in draws:
         for r in range(seed_idx.shape[0]):
             img = np.concatenate([pos_idx[r], neg_idx[r]])
             yr = y[img]
@@ -333,7 +337,7 @@ def _hierarchical_bootstrap_loop(
                 for s in seed_idx[r]
             ]
             diffs.append(np.mean(per_seed))
-    return _summary(estimate, np.asarray(diffs), level, n_seeds, len(y))
+    return estimate, np.asarray(diffs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,8 +370,7 @@ def comparison(
     auc_b: Any,
     *,
     level: float = 0.95,
-    n_resamples: int = 1000,
-    seed: int = 0,
+    **bootstrap_options: Any,
 ) -> dict:
     """Everything to judge arm A against reference arm B, as one JSON-ready block.
 
@@ -375,11 +378,12 @@ def comparison(
     reported for each run. The primary test is the paired t on the per-seed AUC differences
     (seeds are the experimental unit); when it is undefined (one seed, or identical
     differences) the hierarchical bootstrap p-value stands in, and `primary_test` says which.
+    `bootstrap_options` (n_resamples, seed) go to `hierarchical_bootstrap`.
     """
     y, a, b = _prepare(y_true, scores_a, scores_b)
     diffs = _per_seed_aucs(auc_a, auc_b, a.shape[0])
     t = paired_t(diffs, level)
-    boot = hierarchical_bootstrap(y, a, b, n_resamples=n_resamples, seed=seed, level=level)
+    boot = hierarchical_bootstrap(y, a, b, level=level, **bootstrap_options)
     use_t = t["n"] >= 2 and t["p_value"] is not None
     return fileio.json_safe(
         {
@@ -423,28 +427,18 @@ def headroom(
     auc_scarce: Any,
     auc_full: Any,
     *,
-    level: float = 0.95,
-    n_resamples: int = 1000,
-    seed: int = 0,
     min_gap: float,
+    **options: Any,
 ) -> dict:
     """Is there room for augmentation to help? real_full - real_scarce, per seed.
 
     If training on all real data is not clearly better than on the scarce subset, no
     augmentation of the scarce arm can show a gain, and a null result says nothing.
     `sufficient` requires the mean gap >= `min_gap` and the CI (paired t; hierarchical
-    bootstrap when the t is undefined) to exclude 0 from below.
+    bootstrap when the t is undefined) to exclude 0 from below. `options`: `comparison`'s
+    (level, n_resamples, seed).
     """
-    block = comparison(
-        y_true,
-        scores_full,
-        scores_scarce,
-        auc_full,
-        auc_scarce,
-        level=level,
-        n_resamples=n_resamples,
-        seed=seed,
-    )
+    block = comparison(y_true, scores_full, scores_scarce, auc_full, auc_scarce, **options)
     gap = block["mean_difference"]
     ci, source = block["paired_t"]["ci"], "paired_t"
     if ci is None:

@@ -33,34 +33,50 @@ dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 STEMS = ("imagenet", "small")
 
 
-def _norm(module: nn.Module, name: str, train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=module.bn_momentum,
-        epsilon=module.bn_epsilon,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        name=name,
-    )
+class _Module(nn.Module, kw_only=True):
+    """What every DenseNet module shares: BatchNorm constants and dtypes (keyword-only fields,
+    handed down with `shared()`), and torchvision's BN and conv layers built from them."""
+
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def shared(self) -> dict[str, Any]:
+        """The shared fields, for the submodules this module builds."""
+        return {name: getattr(self, name) for name in _SHARED}
+
+    def norm(self, name: str, train: bool) -> nn.BatchNorm:
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def conv(self, features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
+        # torchvision pads 7x7 by 3 and 3x3 by 1 on every side; "SAME" would pad 7x7/2
+        # asymmetrically.
+        pad = kernel // 2
+        return nn.Conv(
+            features,
+            (kernel, kernel),
+            strides=(stride, stride),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
 
 
-def _conv(module: nn.Module, features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
-    # torchvision pads 7x7 by 3 and 3x3 by 1 on every side; "SAME" would pad 7x7/2 asymmetrically.
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        kernel_init=conv_init,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        name=name,
-    )
+_SHARED = ("bn_momentum", "bn_epsilon", "dtype", "param_dtype")
 
 
-class DenseLayer(nn.Module):
+class DenseLayer(_Module):
     """BN-ReLU-Conv1x1 (bottleneck), BN-ReLU-Conv3x3; returns the input plus `growth_rate` new maps.
 
     `train` is positional (not keyword-only) so `nn.remat(DenseLayer, static_argnums=(2,))` can
@@ -70,24 +86,20 @@ class DenseLayer(nn.Module):
     growth_rate: int
     bn_size: int
     dropout_rate: float = 0.0
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = nn.relu(_norm(self, "norm1", train)(x))
-        y = _conv(self, self.bn_size * self.growth_rate, 1, "conv1")(y)
-        y = nn.relu(_norm(self, "norm2", train)(y))
-        y = _conv(self, self.growth_rate, 3, "conv2")(y)
+        y = nn.relu(self.norm("norm1", train)(x))
+        y = self.conv(self.bn_size * self.growth_rate, 1, "conv1")(y)
+        y = nn.relu(self.norm("norm2", train)(y))
+        y = self.conv(self.growth_rate, 3, "conv2")(y)
         if self.dropout_rate > 0:
             # torchvision's drop_rate: dropout on the new feature maps only.
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         return jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
 
 
-class DenseBlock(nn.Module):
+class DenseBlock(_Module):
     """`num_layers` dense layers, each seeing the concatenation of all earlier feature maps."""
 
     num_layers: int
@@ -95,10 +107,6 @@ class DenseBlock(nn.Module):
     bn_size: int
     dropout_rate: float = 0.0
     remat: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -109,32 +117,25 @@ class DenseBlock(nn.Module):
                 growth_rate=self.growth_rate,
                 bn_size=self.bn_size,
                 dropout_rate=self.dropout_rate,
-                bn_momentum=self.bn_momentum,
-                bn_epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
                 name=f"denselayer{j + 1}",
+                **self.shared(),
             )(x, train)
         return x
 
 
-class Transition(nn.Module):
+class Transition(_Module):
     """BN-ReLU-Conv1x1 to `features` maps, then 2x2 average pooling (stride 2)."""
 
     features: int
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = nn.relu(_norm(self, "norm", train)(x))
-        y = _conv(self, self.features, 1, "conv")(y)
+        y = nn.relu(self.norm("norm", train)(x))
+        y = self.conv(self.features, 1, "conv")(y)
         return nn.avg_pool(y, (2, 2), strides=(2, 2))
 
 
-class DenseNet(nn.Module):
+class DenseNet(_Module):
     """DenseNet-BC; the defaults are DenseNet121's, every hyperparameter is a field.
 
     Attributes:
@@ -165,10 +166,6 @@ class DenseNet(nn.Module):
     dropout_rate: float = 0.0
     stem: str = "imagenet"
     remat: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -181,19 +178,13 @@ class DenseNet(nn.Module):
             raise ValueError(f"expected NHWC images [B, H, W, C], got shape {x.shape}")
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
-            x = _conv(self, self.num_init_features, 7, "conv0", stride=2)(x)
-            x = nn.relu(_norm(self, "norm0", train)(x))
+            x = self.conv(self.num_init_features, 7, "conv0", stride=2)(x)
+            x = nn.relu(self.norm("norm0", train)(x))
             # Padding with -inf, as torch's MaxPool2d(3, 2, padding=1).
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = _conv(self, self.num_init_features, 3, "conv0")(x)
+            x = self.conv(self.num_init_features, 3, "conv0")(x)
 
-        common = dict(
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
         num_features = self.num_init_features
         for i, num_layers in enumerate(self.block_config):
             x = DenseBlock(
@@ -203,14 +194,14 @@ class DenseNet(nn.Module):
                 dropout_rate=self.dropout_rate,
                 remat=self.remat,
                 name=f"denseblock{i + 1}",
-                **common,
+                **self.shared(),
             )(x, train)
             num_features += num_layers * self.growth_rate
             if i != len(self.block_config) - 1:
                 num_features = int(num_features * self.compression)
-                x = Transition(num_features, name=f"transition{i + 1}", **common)(x, train)
+                x = Transition(num_features, name=f"transition{i + 1}", **self.shared())(x, train)
 
-        x = nn.relu(_norm(self, "norm5", train)(x))
+        x = nn.relu(self.norm("norm5", train)(x))
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, C] global average pool
         logits = nn.Dense(
             self.num_classes,

@@ -94,106 +94,106 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2))
 
 
-class InceptionA(nn.Module):
+class _Block(nn.Module, kw_only=True):
+    """An Inception module: its compute `dtype` (keyword-only) and the BasicConvs it builds."""
+
+    dtype: Dtype = jnp.float32
+
+    def conv(self, *args: Any, **kwargs: Any) -> BasicConv:
+        return BasicConv(*args, dtype=self.dtype, **kwargs)
+
+
+class InceptionA(_Block):
     """Mixed_5b..5d: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 (`pool_features` maps)."""
 
     pool_features: int
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda *a, **k: BasicConv(*a, dtype=self.dtype, **k)
-        b1 = conv(64, (1, 1), name="branch1x1")(x)
-        b5 = conv(48, (1, 1), name="branch5x5_1")(x)
-        b5 = conv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
-        b3 = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-        b3 = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
-        b3 = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
-        bp = conv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
+        b1 = self.conv(64, (1, 1), name="branch1x1")(x)
+        b5 = self.conv(48, (1, 1), name="branch5x5_1")(x)
+        b5 = self.conv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
+        b3 = self.conv(64, (1, 1), name="branch3x3dbl_1")(x)
+        b3 = self.conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
+        b3 = self.conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
+        bp = self.conv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
-class InceptionB(nn.Module):
+class InceptionB(_Block):
     """Mixed_6a (grid reduction 35 -> 17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
-
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda *a, **k: BasicConv(*a, dtype=self.dtype, **k)
-        b3 = conv(384, (3, 3), strides=(2, 2), name="branch3x3")(x)
-        bd = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-        bd = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = conv(96, (3, 3), strides=(2, 2), name="branch3x3dbl_3")(bd)
+        b3 = self.conv(384, (3, 3), strides=(2, 2), name="branch3x3")(x)
+        bd = self.conv(64, (1, 1), name="branch3x3dbl_1")(x)
+        bd = self.conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+        bd = self.conv(96, (3, 3), strides=(2, 2), name="branch3x3dbl_3")(bd)
         return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
 
 
-class InceptionC(nn.Module):
+class InceptionC(_Block):
     """Mixed_6b..6e: 1x1 | factorised 7x7 | double factorised 7x7 | avgpool-1x1."""
 
     channels_7x7: int
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda *a, **k: BasicConv(*a, dtype=self.dtype, **k)
         c7 = self.channels_7x7
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
-        b1 = conv(192, (1, 1), name="branch1x1")(x)
-        b7 = conv(c7, (1, 1), name="branch7x7_1")(x)
-        b7 = conv(c7, **row, name="branch7x7_2")(b7)
-        b7 = conv(192, **col, name="branch7x7_3")(b7)
-        bd = conv(c7, (1, 1), name="branch7x7dbl_1")(x)
-        bd = conv(c7, **col, name="branch7x7dbl_2")(bd)
-        bd = conv(c7, **row, name="branch7x7dbl_3")(bd)
-        bd = conv(c7, **col, name="branch7x7dbl_4")(bd)
-        bd = conv(192, **row, name="branch7x7dbl_5")(bd)
-        bp = conv(192, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
+        b1 = self.conv(192, (1, 1), name="branch1x1")(x)
+        b7 = self.conv(c7, (1, 1), name="branch7x7_1")(x)
+        b7 = self.conv(c7, **row, name="branch7x7_2")(b7)
+        b7 = self.conv(192, **col, name="branch7x7_3")(b7)
+        bd = self.conv(c7, (1, 1), name="branch7x7dbl_1")(x)
+        bd = self.conv(c7, **col, name="branch7x7dbl_2")(bd)
+        bd = self.conv(c7, **row, name="branch7x7dbl_3")(bd)
+        bd = self.conv(c7, **col, name="branch7x7dbl_4")(bd)
+        bd = self.conv(192, **row, name="branch7x7dbl_5")(bd)
+        bp = self.conv(192, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
         return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
-class InceptionD(nn.Module):
+class InceptionD(_Block):
     """Mixed_7a (grid reduction 17 -> 8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
-
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda *a, **k: BasicConv(*a, dtype=self.dtype, **k)
-        b3 = conv(192, (1, 1), name="branch3x3_1")(x)
-        b3 = conv(320, (3, 3), strides=(2, 2), name="branch3x3_2")(b3)
-        b7 = conv(192, (1, 1), name="branch7x7x3_1")(x)
-        b7 = conv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
-        b7 = conv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
-        b7 = conv(192, (3, 3), strides=(2, 2), name="branch7x7x3_4")(b7)
+        b3 = self.conv(192, (1, 1), name="branch3x3_1")(x)
+        b3 = self.conv(320, (3, 3), strides=(2, 2), name="branch3x3_2")(b3)
+        b7 = self.conv(192, (1, 1), name="branch7x7x3_1")(x)
+        b7 = self.conv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
+        b7 = self.conv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
+        b7 = self.conv(192, (3, 3), strides=(2, 2), name="branch7x7x3_4")(b7)
         return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
 
 
-class InceptionE(nn.Module):
+class InceptionE(_Block):
     """Mixed_7b/7c: 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1.
 
     `pool` is "avg" (Mixed_7b, padding excluded) or "max" (Mixed_7c in the FID graph).
     """
 
     pool: str = "avg"
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda *a, **k: BasicConv(*a, dtype=self.dtype, **k)
         row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
-        b1 = conv(320, (1, 1), name="branch1x1")(x)
-        b3 = conv(384, (1, 1), name="branch3x3_1")(x)
+        b1 = self.conv(320, (1, 1), name="branch1x1")(x)
+        b3 = self.conv(384, (1, 1), name="branch3x3_1")(x)
         b3 = jnp.concatenate(
-            [conv(384, **row, name="branch3x3_2a")(b3), conv(384, **col, name="branch3x3_2b")(b3)],
+            [
+                self.conv(384, **row, name="branch3x3_2a")(b3),
+                self.conv(384, **col, name="branch3x3_2b")(b3),
+            ],
             axis=-1,
         )
-        bd = conv(448, (1, 1), name="branch3x3dbl_1")(x)
-        bd = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+        bd = self.conv(448, (1, 1), name="branch3x3dbl_1")(x)
+        bd = self.conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
         bd = jnp.concatenate(
             [
-                conv(384, **row, name="branch3x3dbl_3a")(bd),
-                conv(384, **col, name="branch3x3dbl_3b")(bd),
+                self.conv(384, **row, name="branch3x3dbl_3a")(bd),
+                self.conv(384, **col, name="branch3x3dbl_3b")(bd),
             ],
             axis=-1,
         )
@@ -203,29 +203,26 @@ class InceptionE(nn.Module):
             pooled = _avg_pool_3x3(x)
         else:
             raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
-        bp = conv(192, (1, 1), name="branch_pool")(pooled)
+        bp = self.conv(192, (1, 1), name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-class FIDInceptionV3(nn.Module):
+class FIDInceptionV3(_Block):
     """The FID Inception-v3 up to pool3. Input NHWC [B, 299, 299, 3] in [-1, 1] (see
     `preprocess`); output float32 [B, 2048]. Other sizes run (the network is convolutional up
     to the global pool) but only 299 px gives FID-comparable features."""
-
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected NHWC RGB images [B, H, W, 3], got shape {x.shape}")
-        conv = lambda *a, **k: BasicConv(*a, dtype=self.dtype, **k)
         x = x.astype(self.dtype)
-        x = conv(32, (3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)  # 149
-        x = conv(32, (3, 3), name="Conv2d_2a_3x3")(x)  # 147
-        x = conv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
+        x = self.conv(32, (3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)  # 149
+        x = self.conv(32, (3, 3), name="Conv2d_2a_3x3")(x)  # 147
+        x = self.conv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
         x = _max_pool_3x3_s2(x)  # 73
-        x = conv(80, (1, 1), name="Conv2d_3b_1x1")(x)
-        x = conv(192, (3, 3), name="Conv2d_4a_3x3")(x)  # 71
+        x = self.conv(80, (1, 1), name="Conv2d_3b_1x1")(x)
+        x = self.conv(192, (3, 3), name="Conv2d_4a_3x3")(x)  # 71
         x = _max_pool_3x3_s2(x)  # 35
         x = InceptionA(32, dtype=self.dtype, name="Mixed_5b")(x)
         x = InceptionA(64, dtype=self.dtype, name="Mixed_5c")(x)

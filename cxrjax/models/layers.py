@@ -29,63 +29,54 @@ def _kernel_init(use_wscale: bool, std: float):
     return nn.initializers.normal(1.0 if use_wscale else std)
 
 
-class EqualizedDense(nn.Module):
-    """Dense layer with equalized learning rate; inputs are flattened over all non-batch axes."""
+class _Equalized(nn.Module, kw_only=True):
+    """Fields (keyword-only) and weight handling shared by the equalized-learning-rate layers."""
 
-    features: int
     gain: float = HE_GAIN
     use_bias: bool = True
     use_wscale: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def scaled_kernel(self, x: jax.Array, shape: tuple[int, ...], fan_in: int):
+        """(x, kernel) in the compute dtype, the kernel at its run-time scale."""
+        scale = he_scale(fan_in, self.gain)
+        kernel = self.param("kernel", _kernel_init(self.use_wscale, scale), shape, self.param_dtype)
+        if self.use_wscale:
+            kernel = kernel * scale
+        return nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+
+    def add_bias(self, y: jax.Array) -> jax.Array:
+        if not self.use_bias:
+            return y
+        bias = self.param("bias", nn.initializers.zeros, (y.shape[-1],), self.param_dtype)
+        return y + bias.astype(y.dtype)
+
+
+class EqualizedDense(_Equalized):
+    """Dense layer with equalized learning rate; inputs are flattened over all non-batch axes."""
+
+    features: int
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
-        fan_in = x.shape[-1]
-        scale = he_scale(fan_in, self.gain)
-        kernel = self.param(
-            "kernel",
-            _kernel_init(self.use_wscale, scale),
-            (fan_in, self.features),
-            self.param_dtype,
-        )
-        if self.use_wscale:
-            kernel = kernel * scale
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        y = x @ kernel
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(y.dtype)
-        return y
+        x, kernel = self.scaled_kernel(x, (x.shape[-1], self.features), fan_in=x.shape[-1])
+        return self.add_bias(x @ kernel)
 
 
-class EqualizedConv(nn.Module):
+class EqualizedConv(_Equalized):
     """Stride-1 'SAME' convolution with equalized learning rate (fan_in = kh * kw * C_in)."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
-    gain: float = HE_GAIN
-    use_bias: bool = True
-    use_wscale: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
         in_features = x.shape[-1]
-        fan_in = kh * kw * in_features
-        scale = he_scale(fan_in, self.gain)
-        kernel = self.param(
-            "kernel",
-            _kernel_init(self.use_wscale, scale),
-            (kh, kw, in_features, self.features),
-            self.param_dtype,
-        )
-        if self.use_wscale:
-            kernel = kernel * scale
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        shape = (kh, kw, in_features, self.features)
+        x, kernel = self.scaled_kernel(x, shape, fan_in=kh * kw * in_features)
         y = jax.lax.conv_general_dilated(
             x,
             kernel,
@@ -93,10 +84,7 @@ class EqualizedConv(nn.Module):
             padding="SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(y.dtype)
-        return y
+        return self.add_bias(y)
 
 
 def leaky_relu(x: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ D: the block that consumes r x r; `block_4x4` is G's latent stem / D's output he
 `to_rgb_{r}x{r}` / `from_rgb_{r}x{r}` are the 1x1 image layers.
 """
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -98,6 +99,10 @@ class _Config(nn.Module):
     def nf(self, stage: int) -> int:
         return num_features(stage, self.fmap_base, self.fmap_decay, self.fmap_max)
 
+    def shared(self) -> dict[str, Any]:
+        """These shared fields' values, for the blocks G and D build."""
+        return {name: getattr(self, name) for name in _CONFIG_FIELDS}
+
     def _conv(self, features: int, kernel: int, name: str, gain: float = layers.HE_GAIN):
         return layers.EqualizedConv(
             features,
@@ -119,6 +124,11 @@ class _Config(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
+
+
+_CONFIG_FIELDS = tuple(
+    f.name for f in dataclasses.fields(_Config) if f.name not in ("parent", "name")
+)
 
 
 class GeneratorStem(_Config):
@@ -196,16 +206,7 @@ class Generator(_Config):
         if self.normalize_latents:
             x = layers.pixel_norm(x)
 
-        common = dict(
-            max_resolution=self.max_resolution,
-            fmap_base=self.fmap_base,
-            fmap_decay=self.fmap_decay,
-            fmap_max=self.fmap_max,
-            use_wscale=self.use_wscale,
-            use_pixelnorm=self.use_pixelnorm,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        common = dict(self.shared(), use_pixelnorm=self.use_pixelnorm)
         blocks = {2: GeneratorStem(**common, name=_name("block", 2))}
         for k in range(3, max_log2 + 1):
             blocks[k] = GeneratorBlock(**common, log2=k, name=_name("block", k))
@@ -289,16 +290,7 @@ class Discriminator(_Config):
         if images.shape[1:3] != (resolution, resolution):
             raise ValueError(f"images {images.shape} do not match resolution {resolution}")
         images = images.astype(self.dtype)
-        common = dict(
-            max_resolution=self.max_resolution,
-            num_classes=self.num_classes,
-            fmap_base=self.fmap_base,
-            fmap_decay=self.fmap_decay,
-            fmap_max=self.fmap_max,
-            use_wscale=self.use_wscale,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        common = self.shared()
         head = DiscriminatorHead(
             **common, mbstd_group_size=self.mbstd_group_size, name=_name("block", 2)
         )

@@ -46,7 +46,8 @@ NO_FINDING = common.NO_FINDING
 VAL_FRACTION = 0.1
 RESOLUTIONS = (64, 128, 224, 256)
 CSV_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
-_COLUMNS = (
+# The Data_Entry_2017.csv columns the builder reads (the file has a few more).
+COLUMNS = (
     "Image Index",
     "Finding Labels",
     "Follow-up #",
@@ -171,7 +172,7 @@ class NihChestXray14(common.Builder):
         rows: dict[str, dict] = {}
         with csv_path.open(newline="", encoding="utf-8") as stream:
             reader = csv.DictReader(stream)
-            missing = [column for column in _COLUMNS if column not in (reader.fieldnames or [])]
+            missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
             if missing:
                 raise common.DatasetError(f"{csv_path}: missing columns {missing}")
             for line, record in enumerate(reader, start=2):

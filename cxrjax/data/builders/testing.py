@@ -17,6 +17,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from cxrjax.data.builders import nih_chest_xray14
+
 SIZE = (40, 30)  # (width, height), as PIL takes it.
 
 
@@ -127,13 +129,7 @@ NIH_ROWS = (
 )
 NIH_CORRUPT = "00000009_000.png"  # A train_val row whose file is truncated.
 NIH_HEADER = (
-    "Image Index",
-    "Finding Labels",
-    "Follow-up #",
-    "Patient ID",
-    "Patient Age",
-    "Patient Gender",
-    "View Position",
+    *nih_chest_xray14.COLUMNS,
     "OriginalImage[Width",
     "Height]",
     "OriginalImagePixelSpacing[x",
