@@ -447,14 +447,8 @@ def score_split(
     num_batches = pipeline.eval_num_batches(total, batch_size, jax.process_count())
     log_every = max(1, num_batches // 10)
     start, done = time.perf_counter(), 0
-    batches = pipeline.make_eval_dataset(
-        source,
-        spec,
-        global_batch_size=batch_size,
-        resolution=scorer.resolution,
-        content_resolution=scorer.content_resolution,
-        normalization="generator",
-        num_workers=num_workers,
+    batches = anomaly_report.scorer_batches(
+        scorer, source, spec, batch_size=batch_size, num_workers=num_workers
     )
     chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for batch in batches:

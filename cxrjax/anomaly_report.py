@@ -43,6 +43,20 @@ def example_indices(y: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([normal, abnormal]).astype(np.int64)
 
 
+def scorer_batches(scorer, source, spec, *, batch_size: int, num_workers: int = 0):
+    """Eval batches of `source` as `scorer` takes them: its resolution (films padded onto a
+    generator's canvas when it has one), pixels in [-1, 1]."""
+    return pipeline.make_eval_dataset(
+        source,
+        spec,
+        global_batch_size=batch_size,
+        resolution=scorer.resolution,
+        content_resolution=scorer.content_resolution,
+        normalization="generator",
+        num_workers=num_workers,
+    )
+
+
 def save_residual_figure(
     scorer, source, spec, record_indices, captions, path: str, *, batch_size, mesh=None
 ) -> str | None:
@@ -55,13 +69,7 @@ def save_residual_figure(
         return None
     mesh = mesh or parallel.make_mesh()
     part = mixing.Part(source, name="examples", indices=np.sort(np.asarray(record_indices)))
-    batches = pipeline.make_eval_dataset(
-        part,
-        spec,
-        global_batch_size=batch_size,
-        resolution=scorer.resolution,
-        content_resolution=scorer.content_resolution,
-    )
+    batches = scorer_batches(scorer, part, spec, batch_size=batch_size)
     rows: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for batch in batches:
         arrays = loop.device_batch(batch, mesh)
