@@ -15,6 +15,7 @@ the images it holds (`mode="overwrite"`); every PNG and provenance.json is writt
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
@@ -135,6 +136,25 @@ def _to_uint8(images) -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+# Loaded samplers of this process, by generator files and sampling options: the experiment
+# draws each generator's arm, quality, filtered and CAS sets one after another, and a reused
+# sampler is neither restored nor traced again. A few entries (one per generator and sampler).
+_LOADED: collections.OrderedDict[tuple, tuple[Callable, dict[str, Any]]] = collections.OrderedDict()
+_LOADED_MAX = 4
+
+
+def _files_signature(workdir: str) -> tuple:
+    """(name, size, mtime) of the run's files and checkpoint folders: a retrained, resumed or
+    replaced generator in the same folder is a new key."""
+    entries = []
+    for folder in (workdir, os.path.join(workdir, "checkpoints")):
+        if os.path.isdir(folder):
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                info = entry.stat()
+                entries.append((folder, entry.name, info.st_size, info.st_mtime_ns))
+    return tuple(entries)
+
+
 def load_generator(
     kind: str,
     workdir: str,
@@ -149,13 +169,25 @@ def load_generator(
     PGGAN samples at the run's max resolution with alpha = 1 (latents drawn from `rng`); DDPM
     samples by DDIM with `steps` and `eta`, or sampler="ddpm" (all T steps, eta = 1).
     `guidance` / `eta` None use the run's config.sample.guidance_scale / sample.eta (DDPM only;
-    runs without sample.eta used eta = 0).
+    runs without sample.eta used eta = 0). A second call with the same generator files and
+    options returns the sampler already loaded in this process.
     """
     if kind not in GENERATORS:
         raise ValueError(f"generator must be one of {GENERATORS}, got {kind!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    key = (kind, workdir, sampler, steps, guidance, eta, _files_signature(workdir))
+    if key not in _LOADED:
+        _LOADED[key] = _load_generator(kind, workdir, sampler, steps, guidance, eta)
+        while len(_LOADED) > _LOADED_MAX:
+            _LOADED.popitem(last=False)
+    _LOADED.move_to_end(key)
+    sample_fn, info = _LOADED[key]
+    return sample_fn, dict(info)
+
+
+def _load_generator(kind, workdir, sampler, steps, guidance, eta):
     mesh = parallel.make_mesh()
     run = runs.load(workdir, select="latest", mesh=mesh)
     config, spec, state, step = run.config, run.spec, run.state, run.step

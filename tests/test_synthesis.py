@@ -73,6 +73,11 @@ def test_synthesize_writes_labeled_dataset(shipped_data_dir, tmp_path, kind, mak
     for name in files:
         first = (out / names[index] / name).read_bytes()
         assert first == (again / names[index] / name).read_bytes()
+    # The second synthesis reused the loaded sampler; new files in the run load it again.
+    first = synthesis.load_generator(kind, workdir, steps=2)[0]
+    assert synthesis.load_generator(kind, workdir, steps=2)[0] is first
+    (tmp_path / "run" / "note.txt").write_text("a changed run folder")
+    assert synthesis.load_generator(kind, workdir, steps=2)[0] is not first
     resolution = provenance["resolution"]
     assert kind != "pggan" or resolution == 6  # the PGGAN's film, cropped from its canvas
     image = imageio.decode_gray((out / names[index] / files[0]).read_bytes())
