@@ -18,19 +18,14 @@ import os
 import numpy as np
 from absl import app, flags
 
+from cxrjax.metrics import utility
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "a finished experiment workdir", required=True)
 _PRESET = flags.DEFINE_string("preset", "demo", "the experiment preset the workdir ran")
 
 
-def laplacian_energy(images: np.ndarray) -> np.ndarray:
-    """Per image: mean |4 x - (up + down + left + right)| over interior pixels."""
-    x = images
-    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
-    return np.abs(lap).mean(axis=(1, 2))
-
-
 def describe(images: np.ndarray) -> dict[str, float]:
-    energy = laplacian_energy(images)
+    energy = utility.laplacian_energy(images)
     return {
         "n": int(len(images)),
         "laplacian_mean": round(float(energy.mean()), 4),

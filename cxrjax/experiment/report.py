@@ -14,8 +14,8 @@ from cxrjax.experiment import design
 
 MIN_TEST_PER_CLASS = 100  # below this per class, test CIs are wide: a warning
 MIN_SEEDS = 5
-UTILITY_KEYS = ("class_fidelity", "fid", "kid", "precision", "recall", "density", "coverage")
-UTILITY_KEYS = (*UTILITY_KEYS, "cas_auc")
+UTILITY_KEYS = ("class_fidelity", "detail_ratio", "fid", "kid", "precision", "recall")
+UTILITY_KEYS = (*UTILITY_KEYS, "density", "coverage", "cas_auc")
 TESTS = {
     "paired_t": "paired t over seeds",
     "hierarchical_bootstrap": "hierarchical bootstrap over seeds and test images",
@@ -319,6 +319,15 @@ def quality_tables(results: Mapping[str, Any]) -> list[str]:
         f"- **{kind.upper()}: {'adequate' if q['gate']['adequate'] else 'NOT adequate'}** "
         f"(class fidelity of the synthetic scarce class within {q['gate']['margin']:g} of real "
         "validation images' is the gate)."
+        + (
+            f" Fine detail (mean |Laplacian|, {q['fine_detail']['n'][0]} synthetic vs "
+            f"{q['fine_detail']['n'][1]} real validation images of the scarce class): "
+            f"{q['fine_detail']['synthetic']:.3f} vs {q['fine_detail']['real']:.3f}, ratio "
+            f"{q['fine_detail']['ratio']:.2f} (the judge does not see this; 1 = as sharp as "
+            "real)."
+            if (q.get("fine_detail") or {}).get("ratio") is not None
+            else ""
+        )
         + (
             f" Filter: kept {q['filter']['accepted']} of {q['filter']['attempts']} drawn "
             f"({_frac(q['filter']['acceptance_rate'])}) at tau = "

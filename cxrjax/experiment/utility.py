@@ -22,6 +22,7 @@ from cxrjax.metrics import utility
 # Quality metrics compared with utility: (results key, higher is better).
 RANKED_METRICS = {
     "class_fidelity": True,
+    "detail_ratio": True,
     "fid": False,
     "kid": False,
     "precision": True,
@@ -121,8 +122,12 @@ def evaluate(config, workdir, data, synthetic, judge, real, stop) -> dict[str, A
         filtered = sets.get(f"{kind}_filtered")
         scarce_real = real_feats[real["labels"] == names.index(intended_scarce)]
         scarce_synth = synth_feats[labels[keep] == names.index(intended_scarce)]
+        real_scarce_images = real["images"][real["labels"] == names.index(intended_scarce)]
+        synth_scarce_images = images[keep][labels[keep] == names.index(intended_scarce)]
+        detail = utility.fine_detail(synth_scarce_images, real_scarce_images)
         variants = {kind: variant_metrics(scarce_real, scarce_synth, synth_fidelity, config)}
         variants[kind]["class_fidelity"] = synth_fidelity[intended_scarce]["assigned_fraction"]
+        variants[kind]["detail_ratio"] = detail["ratio"]
         if filtered is not None:
             fimages, flabels = stages.load_folder(filtered, names, intended_scarce, resolution)
             ffeats = features.extract(extractor, fimages, cache_dir=cache)
@@ -132,11 +137,15 @@ def evaluate(config, workdir, data, synthetic, judge, real, stop) -> dict[str, A
             variants[f"{kind}_filtered"]["class_fidelity"] = ffid[intended_scarce][
                 "assigned_fraction"
             ]
+            fdetail = utility.fine_detail(fimages[flabels == names.index(intended_scarce)],
+                                          real_scarce_images)  # fmt: skip
+            variants[f"{kind}_filtered"]["detail_ratio"] = fdetail["ratio"]
         entry = {
             "generator": kind,
             "feature_space": describe_space(config, extractor),
             "class_fidelity": {"synthetic": synth_fidelity, "real": real_fidelity},
             "gate": gate,
+            "fine_detail": detail,
             "distance_matrix": matrix,
             "nearest_real_class": utility.nearest_real_class(matrix),
             "filter": None if filtered is None else filtered["provenance"].get("filter"),

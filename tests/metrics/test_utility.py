@@ -97,3 +97,16 @@ def test_rank_agreement_matches_scipy_and_orients_lower_is_better():
     assert out["kendall_tau"] == pytest.approx(1.0)
     few = utility.rank_agreement({"a": 1.0, "b": None}, gain, higher_is_better=True)
     assert few["n"] == 1 and few["kendall_tau"] is None
+
+
+def test_fine_detail_against_a_hand_computed_laplacian():
+    # One bright pixel in the middle of a 5x5 zero image: |4 * 1| at it, |-1| at its four
+    # neighbours, 0 at the other 4 interior pixels -> mean over the 3x3 interior = 8 / 9.
+    spike = np.zeros((1, 5, 5), np.uint8)
+    spike[0, 2, 2] = 255
+    np.testing.assert_allclose(utility.laplacian_energy(spike), [8 / 9], rtol=1e-6)
+    flat = np.full((3, 5, 5), 128, np.uint8)  # no detail at all
+    np.testing.assert_allclose(utility.laplacian_energy(flat[..., None]), 0.0, atol=1e-6)
+    detail = utility.fine_detail(np.concatenate([spike, flat]), spike)
+    assert detail["ratio"] == pytest.approx(0.25) and detail["n"] == [4, 1]
+    assert utility.fine_detail(spike, flat)["ratio"] is None  # real images without detail
