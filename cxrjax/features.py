@@ -323,6 +323,7 @@ def _compiled(apply_fn, mesh):
         lambda params, images: apply_fn(params, images.astype(jnp.float32)[..., None] / 255.0),
         in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
         out_shardings=parallel.data_sharding(mesh),
+        compiler_options=parallel.cpu_compiler_options(),
     )
 
 

@@ -71,6 +71,28 @@ def initialize(
     )
 
 
+# The YNNPACK fusions that jaxlib 0.10's CPU backend enables by default run the convolutions'
+# weight gradients (which XLA canonicalises into a convolution with a window as large as the
+# image and the batch as features) at ~2 GFLOP/s on this project's 2-core AVX2 machine: a
+# DenseNet121 dense block's forward + backward took 3.4x longer with them than without
+# (benchmarks/RESULTS.md, "DenseNet121 on CPU"). An empty list turns them all off, so XLA's
+# own (Eigen) convolutions and dots run instead; outputs agree to float32 rounding.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def cpu_compiler_options() -> dict[str, str] | None:
+    """`jax.jit(..., compiler_options=...)` for conv nets on the CPU backend, else None.
+
+    None when the default backend is not the CPU or when XLA_FLAGS already chooses the YNN
+    fusion types (the user's setting wins).
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    if any(name in os.environ.get("XLA_FLAGS", "") for name in _CPU_OPTIONS):
+        return None
+    return dict(_CPU_OPTIONS)
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh with axis "data" over `devices` (default: every device of every process)."""
     devices = list(devices) if devices is not None else jax.devices()

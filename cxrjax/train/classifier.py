@@ -244,11 +244,13 @@ def compile_steps(model, tx, loss_fn, schedule, mesh, abstract_state, *, ema_dec
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
+        compiler_options=parallel.cpu_compiler_options(),
     )
     predict = jax.jit(
         make_predict_fn(model, label_kind),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=batch_sharding,
+        compiler_options=parallel.cpu_compiler_options(),
     )
     return train_step, predict
 
