@@ -142,7 +142,10 @@ def test_smoke_results_follow_the_schema_and_invariants(smoke_run):
     for stage, row in profile["stages"].items():
         parts = sum(v for k, v in row.items() if k != "total")
         assert abs(parts - row["total"]) < 0.1 and row["total"] == results["wall_time_s"][stage]
-        assert row["sub-runs"] > 0 and row["compile"] > 0
+        assert row["sub-runs"] > 0 and row.get("compile", 0.0) >= 0
+    # Stage 3's classifiers reuse the jitted steps of stage 1's (one computation): they only
+    # compile for what differs (e.g. the balanced loss's class weights).
+    assert profile["stages"]["data_and_headroom"]["compile"] > 0
     assert (
         profile["sub_runs"]["classifier_arms"]["count"]
         == sum(len(a["per_seed"]) for a in results["arms"].values()) - 2 * seeds
