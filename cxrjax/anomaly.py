@@ -172,7 +172,7 @@ class FAnoGANScorer(Scorer):
                 "terms/feature": terms["feature"],
             }
 
-        self._outputs = jax.jit(outputs)
+        self._outputs = jax.jit(outputs, compiler_options=parallel.cpu_compiler_options())
 
     def outputs(self, images, labels=None, indices=None) -> dict[str, Any]:
         del indices  # deterministic: no per-image randomness
@@ -272,7 +272,7 @@ class DDPMScorer(Scorer):
                 "reconstruction": recon,
             }
 
-        self._outputs = jax.jit(outputs)
+        self._outputs = jax.jit(outputs, compiler_options=parallel.cpu_compiler_options())
 
     def outputs(self, images, labels=None, indices=None) -> dict[str, Any]:
         return self._outputs(self._params, self._key, images, labels, indices)
@@ -300,7 +300,7 @@ def feature_distance_fn(apply_fn, input_size: int | None):
         phi_x, phi_recon = jnp.split(apply_fn(params, both).astype(jnp.float32), 2)
         return jnp.mean(jnp.square(phi_x - phi_recon), axis=-1)  # mean over D: / D
 
-    return jax.jit(distance)
+    return jax.jit(distance, compiler_options=parallel.cpu_compiler_options())
 
 
 class FeatureSpaceScorer(Scorer):

@@ -228,7 +228,8 @@ def _load_generator(kind, workdir, sampler, steps, guidance, eta):
                 prediction=config.diffusion.prediction,
                 guidance_scale=guidance if conditional else 0.0,
                 eta=float(eta),
-            )
+            ),
+            compiler_options=parallel.cpu_compiler_options(),
         )
 
         def draw(rng, labels):

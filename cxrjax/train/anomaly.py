@@ -208,6 +208,7 @@ def compile_train_step(train_step, mesh, abstract_state, frozen):
         in_shardings=(state_sharding, parallel.data_sharding(mesh), replicated, frozen_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
+        compiler_options=parallel.cpu_compiler_options(),
     )
     frozen = jax.device_put(frozen, frozen_sharding)
     return functools.partial(_bound_step, jitted, frozen)

@@ -211,6 +211,7 @@ def compile_steps(
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
+        compiler_options=parallel.cpu_compiler_options(),
     )
     sample = jax.jit(
         make_sample_fn(
@@ -223,6 +224,7 @@ def compile_steps(
             eta=sample_eta,
         ),
         in_shardings=(replicated, replicated, replicated),
+        compiler_options=parallel.cpu_compiler_options(),
         out_shardings=replicated,
     )
     return train_step, sample

@@ -371,7 +371,11 @@ class CompiledSteps:
 
     def __call__(self, resolution: int):
         if resolution not in self.cache:
-            self.cache[resolution] = jax.jit(self._make_step(resolution), **self._shardings)
+            self.cache[resolution] = jax.jit(
+                self._make_step(resolution),
+                **self._shardings,
+                compiler_options=parallel.cpu_compiler_options(),
+            )
         return self.cache[resolution]
 
 
@@ -384,7 +388,9 @@ def make_sample_fn(generator):
             {"params": g_params}, latents, labels, resolution=resolution, alpha=alpha
         )
 
-    return jax.jit(sample, static_argnames="resolution")
+    return jax.jit(
+        sample, static_argnames="resolution", compiler_options=parallel.cpu_compiler_options()
+    )
 
 
 def film_resolution(config) -> int:
