@@ -31,6 +31,21 @@ def load(workdir: str) -> dict:
         results = json.load(f)
     if "profile" not in results:
         raise SystemExit(f"{workdir}/results.json has no profile (a run from before profiles)")
+    profile = results["profile"]
+    if not profile.get("shipped_excluded"):
+        # Runs from before that fix summed an installed shipped generator's own results.json
+        # profile (its training, made elsewhere) into stage 2's sub-runs: take it out.
+        sums = profile["sub_runs"].get("generators_and_synthesis", {})
+        for entry in results.get("generators", {}).values():
+            path = os.path.join(workdir, entry["workdir"], "results.json")
+            if entry.get("source") != "shipped" or not os.path.exists(path):
+                continue
+            with open(path) as f:
+                own = json.load(f).get("profile") or {}
+            if own and sums:
+                sums["count"] -= 1
+                for key, seconds in own.items():
+                    sums[key] = round(sums.get(key, 0.0) - seconds, 2)
     return results
 
 

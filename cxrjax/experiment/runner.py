@@ -246,8 +246,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                 stages.log(design.stage_of(name), "%s %s (%s) -> %s",
                            "skip (finished)" if done else "run", name, kind,
                            sub_workdir)  # fmt: skip
+                shipped = shipped_for(name) is not None
                 with timer.section("sub-runs"):
-                    if shipped_for(name) is not None:
+                    if shipped:
                         result = stages.install_shipped(kind, sub, sub_workdir)
                         generator_source[name] = result["source"]
                     else:
@@ -255,7 +256,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                             sub, sub_workdir, harmless=SUBRUN_HARMLESS
                         )
                         generator_source.setdefault(name, "trained in this run")
-                if not done:
+                if not done and not shipped:  # an installed export's profile is its training's
                     add_profile(sub_profiles, design.STAGES[design.stage_of(name) - 1], result)
                 sub_results[name] = _finished(result, name, stop)
                 return result
@@ -395,7 +396,8 @@ def profile(timer: timing.Timer, timings, sub_profiles) -> dict[str, Any]:
             for stage in design.STAGES
             if stage in timings
         },
-        "sub_runs": sub_profiles,
+        "sub_runs": sub_profiles,  # trained here; installed shipped generators are not in it
+        "shipped_excluded": True,
         "compile_cache": dict(timer.events),
         "scope": "the invocation that finished the run (not a resumed run's earlier ones)",
     }
