@@ -90,7 +90,9 @@ def test_entry_point_writes_metrics_report_and_figures(
     # copies; one real val image also falls under the near-copy threshold at 16 px pixels.
     closest = metrics["memorisation"]["closest_pairs"][:4]
     assert {p["synthetic"] for p in closest} == {40, 41, 42, 43}
-    assert [p["distance"] for p in closest] == [0.0] * 4
+    # Exact copies, up to float32 rounding: a copy sits at another batch position than its
+    # original, and XLA CPU's vectorised kernels may round a row differently there.
+    assert [p["distance"] for p in closest] == pytest.approx([0.0] * 4, abs=1e-5)
     assert 4 / 44 <= metrics["memorisation_rate"] <= 6 / 44
     assert metrics["per_class"]["pneumonia"]["memorisation_rate"] >= 4 / 24
     report = (output / "report.md").read_text()
