@@ -480,8 +480,8 @@ def evaluate_checkpoint(
         run.parts.abstract,
     )
     resolution = int(config.data.resolution)
-    loss_fn = make_loss_fn(spec, np.ones(spec.num_classes))
-    _, predict = _compile(config, spec, model, tx, schedule, mesh, abstract, loss_fn)
+    ones = np.ones(spec.num_classes, np.float32)  # predict only: the loss weights do not matter
+    _, predict = _compile(config, spec, model, tx, schedule, mesh, abstract, ones)
     normalization = (float(config.data.mean), float(config.data.std))
 
     def batches(source):
