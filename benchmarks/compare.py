@@ -348,7 +348,7 @@ def ddim_rows(mesh) -> list[dict]:
     import torch
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from cxrjax import diffusion
+    from cxrjax import diffusion, parallel
     from cxrjax.models import unet
 
     preset, res, n, num_steps = sizes()["ddim"]
@@ -362,7 +362,9 @@ def ddim_rows(mesh) -> list[dict]:
         return diffusion.ddim_sample(model_fn, schedule, key, shape, labels, steps=num_steps)
 
     start = time.perf_counter()
-    compiled = jax.jit(sample).lower(params, jax.random.PRNGKey(0), labels).compile()
+    # The compiler options the production samplers use (cxrjax.synthesis: YNN fusions off on CPU).
+    jitted = jax.jit(sample, compiler_options=parallel.cpu_compiler_options())
+    compiled = jitted.lower(params, jax.random.PRNGKey(0), labels).compile()
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(params, jax.random.PRNGKey(1), labels))
     start = time.perf_counter()

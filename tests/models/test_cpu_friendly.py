@@ -1,4 +1,4 @@
-"""gemm_layers: the same variables, outputs, gradients and running statistics as flax's layers,
+"""cpu_friendly: the same variables, outputs, gradients and running statistics as flax's layers,
 on one device and with the batch sharded over four (the statistics stay global-batch)."""
 
 import jax
@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from cxrjax import parallel
-from cxrjax.models import gemm_layers
+from cxrjax.models import cpu_friendly
 
 
 def _images(shape, seed=0):
@@ -39,7 +39,7 @@ def test_batchnorm_matches_flax_in_training(shape):
     x = _images(shape)
     weights = jax.random.normal(jax.random.key(2), shape)
     kwargs = dict(use_running_average=False, momentum=0.9, epsilon=1e-5)
-    ours = _train_grads(gemm_layers.BatchNorm(**kwargs), x, weights)
+    ours = _train_grads(cpu_friendly.BatchNorm(**kwargs), x, weights)
     flax_bn = nn.BatchNorm(**kwargs, use_fast_variance=False)
     reference = _train_grads(flax_bn, x, weights)
     # Same variable tree (names, shapes, dtypes, initial values).
@@ -58,7 +58,7 @@ def test_batchnorm_running_average_matches_flax():
     params = {"scale": jnp.array([1.5, 0.5, -1.0]), "bias": jnp.array([0.1, 0.2, 0.3])}
     variables = {"params": params, "batch_stats": stats}
     kwargs = dict(use_running_average=True, epsilon=1e-5)
-    ours = gemm_layers.BatchNorm(**kwargs).apply(variables, x)
+    ours = cpu_friendly.BatchNorm(**kwargs).apply(variables, x)
     reference = nn.BatchNorm(**kwargs).apply(variables, x)
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
 
@@ -66,7 +66,7 @@ def test_batchnorm_running_average_matches_flax():
 def test_batchnorm_statistics_are_global_over_a_sharded_batch():
     mesh = parallel.make_mesh(jax.devices()[:4])
     x = _images((8, 4, 4, 6), seed=3)
-    module = gemm_layers.BatchNorm(use_running_average=False, momentum=0.0)
+    module = cpu_friendly.BatchNorm(use_running_average=False, momentum=0.0)
     variables = module.init(jax.random.key(0), x)
 
     def stats(x):
@@ -81,7 +81,7 @@ def test_batchnorm_statistics_are_global_over_a_sharded_batch():
 
 def test_pointwise_conv_matches_flax_conv():
     x = _images((2, 5, 5, 7))
-    ours = gemm_layers.PointwiseConv(4, kernel_init=nn.initializers.normal(1.0))
+    ours = cpu_friendly.PointwiseConv(4, kernel_init=nn.initializers.normal(1.0))
     reference = nn.Conv(4, (1, 1), use_bias=False, kernel_init=nn.initializers.normal(1.0))
     params = ours.init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(
@@ -102,4 +102,28 @@ def test_pointwise_conv_matches_flax_conv():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
         ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("size", [9, 12])
+def test_max_pool_matches_flax_forward_and_gradient(size):
+    x = jax.random.normal(jax.random.key(4), (2, size, size, 3))  # no ties
+
+    def reference(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    np.testing.assert_array_equal(cpu_friendly.max_pool_3x3_s2(x), reference(x))
+    weights = jax.random.normal(jax.random.key(5), reference(x).shape)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(cpu_friendly.max_pool_3x3_s2(x) * weights))(x),
+        jax.grad(lambda x: jnp.sum(reference(x) * weights))(x),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_avg_pool_matches_flax(size):
+    x = jax.random.normal(jax.random.key(6), (2, size, size, 3))
+    np.testing.assert_allclose(
+        cpu_friendly.avg_pool_2x2(x), nn.avg_pool(x, (2, 2), strides=(2, 2)), rtol=1e-6
     )

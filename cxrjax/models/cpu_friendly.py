@@ -1,7 +1,8 @@
-"""BatchNorm and 1x1 convolution as matrix products: flax's layers, faster on XLA's CPU backend.
+"""BatchNorm, 1x1 convolution and pooling in the forms XLA's CPU backend runs fast: flax's layers.
 
-Both keep flax's variables (names, shapes, initialisation), so parameter trees, checkpoints and
-`torch_import` are unchanged; outputs and gradients agree to float32 rounding.
+The layers keep flax's variables (names, shapes, initialisation), so parameter trees,
+checkpoints and `torch_import` are unchanged; outputs and gradients agree with flax's to float32
+rounding (tests/models/test_cpu_friendly.py). The rewrites cost nothing on other backends.
 
 **BatchNorm.**
 XLA's CPU backend emits the reductions of training-mode BatchNorm (sum over batch, height and
@@ -20,6 +21,9 @@ are two-pass (centred) in float32, and the normalised output is cast to `dtype`.
 operands it first transposes (batch and channels swapped); for DenseNet's many 1x1 convs those
 transposes of small-channel activations were the largest remaining cost on CPU. `PointwiseConv`
 reshapes to [B*H*W, C] and multiplies, so the kernel gradient is one GEMM, `x^T @ dy`.
+
+**Pooling.** Max pooling's gradient through `reduce_window` is a select-and-scatter, 7x slower on
+CPU than the selects of a maximum over strided views; 2x2 average pooling is a reshape-mean.
 """
 
 import functools
@@ -132,3 +136,31 @@ class PointwiseConv(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         y = x.reshape(-1, x.shape[-1]) @ kernel[0, 0]
         return y.reshape(*x.shape[:-1], self.features)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torch's `MaxPool2d(3, stride=2, padding=1)` (padding -inf) as the maximum of nine strided
+    views: XLA's CPU backend runs the gradient of `reduce_window` max (select-and-scatter)
+    7x slower than the selects this differentiates into (DenseNet's ImageNet stem). Ties split
+    the gradient where select-and-scatter picks one; after the stem's ReLU, ties are zeros,
+    whose gradient the ReLU stops anyway."""
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+    out = None
+    for i in range(3):
+        for j in range(3):
+            limit = (batch, i + 2 * (out_h - 1) + 1, j + 2 * (out_w - 1) + 1, channels)
+            view = jax.lax.slice(padded, (0, i, j, 0), limit, (1, 2, 2, 1))
+            out = view if out is None else jnp.maximum(out, view)
+    return out
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """`nn.avg_pool(x, (2, 2), strides=(2, 2))`; a reshape-mean when height and width are
+    even (no `reduce_window`), flax's pooling otherwise (it drops the odd last row/column)."""
+    _, height, width, _ = x.shape
+    if height % 2 or width % 2:
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
