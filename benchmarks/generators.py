@@ -16,7 +16,7 @@ Parts (each in its own subprocess, so peak memory is its own):
   ddpm_torch  the PyTorch peer: diffusers `UNet2DModel` of the same shape (channels
               128/256/256/256, 2 res blocks, attention at 16 px and in the middle, dropout 0.1,
               class embedding), Adam, eps-MSE at random t, eager (bf16 autocast with
-              --dtype=bfloat16); its shape is read from the JAX preset's keywords.
+              --dtype=bfloat16); its shape: `torch_peers.unet_kwargs` of the JAX preset.
               Sampling with diffusers' DDIMScheduler (50) and DDPMScheduler (1000) loops.
               Skipped when diffusers is not importable.
 Prints figures and never passes or fails on time.
@@ -31,7 +31,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks import _common
+from benchmarks import _common, torch_peers
 
 PARTS = flags.DEFINE_list("parts", ["pggan", "ddpm", "ddpm_torch"], "What to measure.")
 PGGAN_RESOLUTIONS = flags.DEFINE_list("pggan_resolutions", ["32", "128"], "Final resolutions.")
@@ -53,30 +53,6 @@ TIMEOUT_S = flags.DEFINE_integer("timeout_s", 1800, "Per-part subprocess time li
 WORKER = flags.DEFINE_string("worker", None, "Internal: run one part.")
 
 NUM_CLASSES = 2
-
-
-def diffusers_kwargs(preset: str, resolution: int) -> dict:
-    """`UNet2DModel` arguments with the shape of our UNet preset (read from its keywords)."""
-    from cxrjax.models import unet
-
-    fields = unet.UNet.__dataclass_fields__
-    kw = {name: fields[name].default for name in fields if not name.startswith("_")}
-    kw.update(getattr(unet, preset).keywords)
-    levels = len(kw["ch_mult"])
-    attn = [resolution // 2**i in kw["attn_resolutions"] for i in range(levels)]
-    return dict(
-        sample_size=resolution,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=tuple(kw["ch"] * m for m in kw["ch_mult"]),
-        layers_per_block=kw["num_res_blocks"],
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        dropout=kw["dropout"],
-        num_class_embeds=NUM_CLASSES + 1,
-        norm_num_groups=kw["num_groups"],
-        attention_head_dim=kw["ch"] * max(kw["ch_mult"]) // kw["num_heads"],  # one head, as ours
-    )
 
 
 def batch_for(resolution: int, spec: str) -> int:
@@ -311,7 +287,8 @@ def torch_worker() -> dict:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model = UNet2DModel(**diffusers_kwargs(DDPM_MODEL.value, DDPM_RES.value)).to(device)
+    shape = torch_peers.unet_kwargs(DDPM_MODEL.value, DDPM_RES.value, NUM_CLASSES)
+    model = UNet2DModel(**shape).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     bf16 = DTYPE.value == "bfloat16"

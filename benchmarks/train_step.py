@@ -28,7 +28,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks import _common
+from benchmarks import _common, torch_peers
 from cxrjax.models import densenet
 
 RESOLUTIONS = flags.DEFINE_list("resolutions", ["32", "64", "224"], "Square image sizes (px).")
@@ -95,33 +95,6 @@ def jax_worker(resolution: int) -> dict:
     }
 
 
-def torch_densenet(torch, torchvision, resolution: int):
-    """torchvision's DenseNet with our model's fields, 1 input channel and our stem."""
-    cls = densenet.MODELS[MODEL.value]
-    if cls.compression != 0.5:
-        raise ValueError("torchvision's DenseNet halves channels at transitions (compression 0.5)")
-    net = torchvision.models.DenseNet(
-        growth_rate=cls.growth_rate,
-        block_config=tuple(cls.block_config),
-        num_init_features=cls.num_init_features,
-        bn_size=cls.bn_size,
-        drop_rate=cls.dropout_rate,
-        num_classes=_common.NUM_CLASSES,
-        memory_efficient=REMAT.value,
-    )
-    features = net.features
-    if _stem(resolution) == "imagenet":
-        features.conv0 = torch.nn.Conv2d(1, cls.num_init_features, 7, 2, 3, bias=False)
-    else:
-        # Ours: a 3x3/1 conv only; the first dense layer starts with BN-ReLU.
-        features.conv0 = torch.nn.Conv2d(1, cls.num_init_features, 3, 1, 1, bias=False)
-        features.norm0 = torch.nn.Identity()
-        features.relu0 = torch.nn.Identity()
-        features.pool0 = torch.nn.Identity()
-    torch.nn.init.kaiming_normal_(features.conv0.weight)  # torchvision's conv init
-    return net
-
-
 def torch_worker(resolution: int) -> dict:
     import torch
     import torchvision
@@ -132,7 +105,12 @@ def torch_worker(resolution: int) -> dict:
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes; XLA autotunes too
     torch.manual_seed(0)
-    net = torch_densenet(torch, torchvision, resolution)
+    net = torch_peers.densenet_peer(
+        densenet.MODELS[MODEL.value],
+        stem=_stem(resolution),
+        num_classes=_common.NUM_CLASSES,
+        remat=REMAT.value,
+    )
     num_params = sum(p.numel() for p in net.parameters())
     memory_format = torch.channels_last if CHANNELS_LAST.value else torch.contiguous_format
     net = net.to(device, memory_format=memory_format).train()
