@@ -3,7 +3,8 @@
 - `run(module, *args)` (or `start` + `finish`): `python -m launch.<module> ...` in a
   subprocess (CPU, test env).
 - `one_error(done, code)`: the single `error:` line of a refused command; asserts the exit
-  code, that stderr is that one line, no traceback and nothing on stdout.
+  code, that stderr is that one line, no traceback and nothing on stdout. `last_error`: the
+  same for a command that logged before it was refused (the error line ends stderr).
 - `refusals(module, cases)`: many command lines through one launcher in one process
   (`python -m tests.launcher_harness`): each parsed by the launcher's own flag parser
   (`common.parse_flags`, what `common.main_entry` gives `app.run`) and handed to its `main`;
@@ -59,6 +60,16 @@ def one_error(done: subprocess.CompletedProcess, code: int = 2) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
     assert "Traceback" not in done.stderr and not done.stdout.strip(), done.stdout[-1500:]
     return lines[0]
+
+
+def last_error(done: subprocess.CompletedProcess, code: int) -> str:
+    """The one `error:` line, last on stderr, of a command that may have logged first."""
+    assert done.returncode == code, done.stdout[-1500:] + done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert done.stderr.rstrip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in done.stderr and not done.stdout.strip()
+    return errors[0]
 
 
 def start_refusals(module: str, cases: list[list[str]]) -> subprocess.Popen:

@@ -10,8 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -20,34 +18,10 @@ import configs.ddpm as ddpm_configs
 import configs.pggan as pggan_configs
 from cxrjax import checkpoint as checkpoint_lib
 from cxrjax import config as config_lib
+from tests import launcher_harness as harness
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run(module, *args, timeout=300):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-        JAX_COMPILATION_CACHE_DIR=os.environ.get(
-            "CXRJAX_TEST_CACHE", os.path.join(REPO, ".jax_cache")
-        ),
-    )
-    return subprocess.run(
-        [sys.executable, "-m", f"launch.{module}", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
-
-
-def one_error(done, code) -> str:
-    """The single `error:` line of a refused command (asserts exit code and no traceback)."""
-    assert done.returncode == code, done.stdout[-1500:] + done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, done.stderr[-3000:]
-    assert done.stderr.rstrip().splitlines()[-1] == errors[0]
-    assert "Traceback" not in done.stderr and not done.stdout.strip()
-    return errors[0]
+run = harness.run
+one_error = harness.last_error
 
 
 def snapshot(directory) -> dict[str, str]:
