@@ -24,15 +24,18 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def env() -> dict[str, str]:
+def env(devices: int = 1) -> dict[str, str]:
+    """A launcher's environment in tests: CPU with `devices` fake devices, fast compiles, the
+    shared compilation cache (conftest's settings, so equal programs hit the same entries)."""
     return dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_DISABLE_MOST_OPTIMIZATIONS="true",
         JAX_COMPILATION_CACHE_DIR=os.environ.get(
             "CXRJAX_TEST_CACHE", os.path.join(REPO, ".jax_cache")
         ),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
     )
 
 

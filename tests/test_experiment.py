@@ -19,23 +19,14 @@ import pytest
 import configs.experiment as experiment_configs
 from cxrjax import config as config_lib
 from cxrjax import experiment
+from tests import launcher_harness as harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env():
-    # The same XLA settings as conftest (4 fake devices, fast compiles, the shared cache), so
-    # both subprocess runs compile identical programs.
-    return dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        JAX_COMPILATION_CACHE_DIR=os.environ.get(
-            "CXRJAX_TEST_CACHE", os.path.join(REPO, ".jax_cache")
-        ),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    )
+    # conftest's 4 fake devices, so the subprocess runs compile the programs the tests do.
+    return harness.env(devices=4)
 
 
 def _command(workdir, data_dir):
@@ -272,7 +263,7 @@ def test_sigterm_in_stage_3_then_rerun_finishes_with_the_same_results(
         [*command, "--config.classifier.optim.lr=0.5"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert edited.returncode == 2 and "classifier.optim.lr" in edited.stderr
+    assert "classifier.optim.lr" in harness.last_error(edited, 2)
 
 
 @pytest.mark.parametrize(
