@@ -25,6 +25,12 @@ from cxrjax.train import diffusion as ddpm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "tests", "faults", "toy_trainer.py")
+# Two processes sum gradients and batch statistics (gloo all-reduce) in another order than one
+# process does; after the tiny run's steps the state differs by float32 rounding, up to 7e-6
+# absolute / 2e-5 relative (measured: the BatchNorm running means and variances of the first
+# blocks, then the conv kernels they feed). A wrong batch split, batch statistics from one
+# shard, or a lost gradient shard moves the same values by 1e-2 or more.
+FLOAT_ORDER_RTOL, FLOAT_ORDER_ATOL = 1e-4, 1e-5
 
 
 def _free_port() -> int:
@@ -128,10 +134,10 @@ def test_two_processes_equal_one_process_and_checkpoints_cross_over(shipped_data
     assert results[0]["test"]["auc_ci"] == pytest.approx(results[1]["test"]["auc_ci"], abs=1e-6)
     assert results[0]["test"]["confusion_matrix"] == results[1]["test"]["confusion_matrix"]
     assert [h["train/loss"] for h in results[0]["history"]] == pytest.approx(
-        [h["train/loss"] for h in results[1]["history"]], abs=1e-6
+        [h["train/loss"] for h in results[1]["history"]], rel=FLOAT_ORDER_RTOL, abs=FLOAT_ORDER_ATOL
     )
     for a, b in zip(_flatten(_params(single)), _flatten(_params(multi)), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=FLOAT_ORDER_RTOL, atol=FLOAT_ORDER_ATOL)
     # Both processes saved their own iterator state; only process 0 wrote results and logs.
     step_dir = multi / "checkpoints" / str(results[1]["num_steps"]) / "data"
     assert sorted(os.listdir(step_dir))[:2] == ["commit_success.txt", "process_0-of-2.json"][:2]
@@ -197,12 +203,14 @@ def test_ddpm_two_processes_equal_one_process(shipped_data_dir, tmp_path):
     results = [json.loads((d / "results.json").read_text()) for d in (single, multi)]
     assert [r["device"]["process_count"] for r in results] == [1, 2]
     assert [r["device"]["device_count"] for r in results] == [4, 4]
-    assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
+    assert results[0]["losses"] == pytest.approx(
+        results[1]["losses"], rel=FLOAT_ORDER_RTOL, abs=FLOAT_ORDER_ATOL
+    )
     assert len(results[0]["losses"]) == 2  # steps 2 and 4
     for a, b in zip(
         jax.tree.leaves(_ddpm_state(single)), jax.tree.leaves(_ddpm_state(multi)), strict=True
     ):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=FLOAT_ORDER_RTOL, atol=FLOAT_ORDER_ATOL)
     # The EMA sample grid from fixed noise: the same picture.
     grid = os.path.join("samples", f"step_{results[0]['num_steps']:06d}.png")
     assert (single / grid).read_bytes() == (multi / grid).read_bytes()
