@@ -141,6 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 28 -> 32 -> 28 keeps 78 % of the real normals' fine detail, and the resized
         # generator's normals had 71 % of it (benchmarks/RESULTS.md, "Passing the gate...").
         config.loss.conditioning = "projection"
+        # DiffAugment (all three ops, the few-shot setting of Zhao et al. 2020): D sees 12 real
+        # normals ~1,150 times each and memorises them without it (benchmarks/RESULTS.md).
+        config.loss.diffaugment = "color,translation,cutout"
         config.schedule.update(fade_images=3072, stable_images=3072, final_stable_images=9216)
         config.optim.ema_decay = 0.999
         config.train.update(global_batch_size=16, log_every=64, checkpoint_every=192)

@@ -119,6 +119,16 @@ def test_smoke_results_follow_the_schema_and_invariants(smoke_run):
     for c in comparisons.values():
         assert len(c["per_seed_differences"]) == seeds
         assert c["p_holm"] >= c["primary_p_value"]
+        # The same paired difference on validation, from the arms' own per-seed figures.
+        val = [
+            a["val"]["auc"] - b["val"]["auc"]
+            for a, b in zip(
+                results["arms"][c["arm"]]["per_seed"],
+                results["arms"][c["reference"]]["per_seed"],
+                strict=True,
+            )
+        ]
+        assert c["val"]["n"] == seeds and c["val"]["mean"] == pytest.approx(np.mean(val))
     report = (workdir / "report.md").read_text()
     assert report.split("\n")[2].startswith("**Headroom.**")  # the report opens with it
     model = results["classifier_model"]
@@ -435,6 +445,21 @@ def test_report_text_follows_the_config(smoke_run):
     def model(r):
         r["classifier_model"] = {"name": "densenet121", "parameters": 6_955_906}
 
+    def split_shift(r):  # clearly better on validation, worse on test
+        c = r["evaluation"]["comparisons"][0]
+        c["val"].update(mean=0.03, ci=[0.01, 0.05])
+        c["paired_t"]["mean"] = -0.01
+
+    def split_agree(r):
+        c = r["evaluation"]["comparisons"][0]
+        c["val"].update(mean=0.03, ci=[0.01, 0.05])
+        c["paired_t"]["mean"] = 0.01
+
+    first = base["evaluation"]["comparisons"][0]
+    disagree = f"Validation and test disagree for {report.label(first['arm'])}"
+    assert disagree in text(_edited(base, split_shift))
+    assert disagree not in text(_edited(base, split_agree))
+    assert "| val diff per seed |" in plain
     assert "90 % CI" in text(_edited(base, level)) and "95 % CI" not in text(_edited(base, level))
     assert "the last checkpoint" in text(_edited(base, last))
     assert "densenet121 (6,955,906 parameters)" in text(_edited(base, model))

@@ -180,6 +180,18 @@ def compare(config, arms, extras, arm: str, reference: str, split: str = "test")
     )
 
 
+def val_difference(config, arms, arm: str, reference: str) -> dict[str, Any] | None:
+    """The same paired per-seed AUC difference on validation, shown beside test's: the split
+    that chose checkpoints and thresholds (so optimistic), and, where its sign disagrees with
+    test's, a sign that validation does not stand for test (a shifted test set, or a gain that
+    only holds on the training distribution)."""
+    rows = [row for name in (arm, reference) for row in arms[name]["per_seed"]]
+    if not all((row.get("val") or {}).get("auc") is not None for row in rows):
+        return None
+    differences = np.subtract(_seed_aucs(arms, arm, "val"), _seed_aucs(arms, reference, "val"))
+    return significance.paired_t(differences, float(config.eval.confidence))
+
+
 def comparisons(config, arms, extras) -> list[dict[str, Any]]:
     """Every planned (arm, reference) comparison on test, Holm-corrected together."""
     out = []
@@ -189,6 +201,7 @@ def comparisons(config, arms, extras) -> list[dict[str, Any]]:
             arm=arm,
             reference=reference,
             primary=bool(design.arm_generator(arm)) and reference == design.CONTROL,
+            val=val_difference(config, arms, arm, reference),
         )
         out.append(block)
     significance.adjust(out, float(config.eval.alpha))

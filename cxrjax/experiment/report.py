@@ -257,6 +257,9 @@ def comparison_table(results: Mapping[str, Any]) -> str:
                 "arm": label(c["arm"]),
                 "vs": label(c["reference"]),
                 "AUC diff per seed": _signed(tt["mean"], tt.get("ci")),
+                "val diff per seed": _signed(c["val"]["mean"], c["val"].get("ci"))
+                if c.get("val")
+                else report.MISSING,
                 "d_z": report.format_value(tt.get("effect_size"), ".2f", tt.get("effect_size_ci")),
                 "p (t)": _p(tt.get("p_value")),
                 "p Holm": _p(c.get("p_holm")),
@@ -269,6 +272,7 @@ def comparison_table(results: Mapping[str, Any]) -> str:
         "arm",
         "vs",
         "AUC diff per seed",
+        "val diff per seed",
         "d_z",
         "p (t)",
         "p Holm",
@@ -276,7 +280,30 @@ def comparison_table(results: Mapping[str, Any]) -> str:
         "DeLong p per seed",
         "verdict",
     ]
-    return report.markdown_table(rows, keys) if rows else "(no comparisons ran)\n"
+    if not rows:
+        return "(no comparisons ran)\n"
+    return report.markdown_table(rows, keys) + "".join(
+        f"\n{line}\n" for line in split_disagreements(results)
+    )
+
+
+def split_disagreements(results: Mapping[str, Any]) -> list[str]:
+    """A line per comparison whose validation difference is clear (interval excludes 0) and
+    of the other sign than test's mean: validation did not predict test there."""
+    lines = []
+    for c in results["evaluation"]["comparisons"]:
+        val, test = c.get("val") or {}, c["paired_t"]
+        ci = val.get("ci")
+        if not ci or test.get("mean") is None or (ci[0] <= 0 <= ci[1]):
+            continue
+        if (val["mean"] > 0) != (test["mean"] > 0):
+            lines.append(
+                f"Validation and test disagree for {label(c['arm'])} vs {label(c['reference'])}: "
+                f"{val['mean']:+.3f} on validation (interval excludes 0; the split that chose "
+                f"checkpoints and thresholds) but {test['mean']:+.3f} on test. What this arm "
+                "changes does not carry over from validation to test images."
+            )
+    return lines
 
 
 def _cell(block: Mapping[str, Any] | None, key: str) -> str:
