@@ -159,6 +159,18 @@ def _flip(step_dir):
         f.write(data)
 
 
+def _truncate(step_dir):
+    """Cuts every array-data file of a step's state to half (a copy that stopped midway).
+
+    Unlike `_flip`, which can land on bytes no array reads (an OCDBT data file also holds
+    B-tree nodes and superseded writes), this leaves no readable state whatever the layout.
+    """
+    data_dir = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+    for name in os.listdir(data_dir):
+        path = os.path.join(data_dir, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+
 def test_defect3_and_7_corrupt_checkpoint_set_aside_history_whole(finished, tmp_path):
     workdir, data_dir = unfinished_copy(finished, tmp_path, "corrupt")
     _flip(workdir / "checkpoints" / "12")
@@ -178,8 +190,8 @@ def test_defect3_and_7_corrupt_checkpoint_set_aside_history_whole(finished, tmp_
     assert steps == [4, 6, 8, 12]  # replayed rows replaced, torn line gone
 
     # Every step unreadable: one line, exit 1, no TensorStore spec, no traceback.
-    _flip(workdir / "checkpoints" / "6")
-    _flip(workdir / "checkpoints" / "12")
+    _truncate(workdir / "checkpoints" / "6")
+    _truncate(workdir / "checkpoints" / "12")
     os.remove(workdir / "results.json")
     error = one_error(run("train_classifier", *classifier_args(workdir, data_dir)), 1)
     assert "no readable checkpoint" in error and len(error) < 700
