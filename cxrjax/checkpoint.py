@@ -26,9 +26,12 @@ behave the same for the classifier, PGGAN, DDPM and the anomaly encoder:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import logging as pylogging
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -129,12 +132,73 @@ def verify(state: Any, meta: Mapping[str, Any], step: int) -> None:
 
 def short_error(error: BaseException, limit: int = 240) -> str:
     """`Type: first line of the message`, at most `limit` characters (TensorStore specs are
-    dozens of lines)."""
+    dozens of lines). A CheckpointError is already short: its message alone."""
+    if isinstance(error, CheckpointError):
+        return str(error)
+    while error.__cause__ is not None and "See full TensorStore details" in str(error):
+        error = error.__cause__  # Orbax's wrapper names an index; its cause names the file
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# What a failed Orbax restore leaves behind. Orbax gathers every array read of a step, raises on
+# the first failure and closes its event loop with the sibling reads still in flight: as each
+# finishes, TensorStore's callback finds the loop closed, and each abandoned read coroutine
+# raises again when it is finalized (at interpreter exit, after the run's one `error:` line).
+# None of it is news: the failure that caused it was raised. It goes to the debug log.
+_ABANDONED_READ_LOGS = (
+    "Future exception was never retrieved",
+    "Task exception was never retrieved",
+    "Task was destroyed but it is pending",
+)
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None:
+        return "orbax" in code.co_filename
+    error = unraisable.exc_value
+    return (
+        unraisable.object is None
+        and isinstance(error, RuntimeError)
+        and str(error) == "Event loop is closed"
+    )
+
+
+class _AbandonedReadLogs(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(_ABANDONED_READ_LOGS) and re.search(
+            r"ocdbt|orbax|tensorstore", message, re.IGNORECASE
+        ):
+            logging.debug("abandoned checkpoint read: %s", message.splitlines()[-1][:240])
+            return False
+        return True
+
+
+def quiet_abandoned_reads() -> None:
+    """Sends what a failed restore's abandoned reads print to the debug log (idempotent).
+
+    Process-wide because they surface from TensorStore's threads and at exit, after the
+    restore returned; everything else reaches the previous hook and the asyncio log as before.
+    """
+    if not getattr(sys.unraisablehook, "cxrjax_abandoned_reads", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if _is_abandoned_read(unraisable):
+                logging.debug("abandoned checkpoint read: %s", short_error(unraisable.exc_value))
+            else:
+                previous(unraisable)
+
+        hook.cxrjax_abandoned_reads = True
+        sys.unraisablehook = hook
+    asyncio_log = pylogging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadLogs) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadLogs())
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | Callable[[Any], Any]) -> Any:
@@ -334,7 +398,15 @@ class Checkpointer:
                 items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
             else:
                 translate = True  # written by another process count
-        restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
+        quiet_abandoned_reads()  # before: the first abandoned read can fail before we return
+        failure = None
+        try:
+            restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
+        except Exception as error:  # noqa: BLE001 - re-raised below, once its reads are gone
+            failure = short_error(error)  # the traceback holds the abandoned reads: drop it
+        if failure is not None:
+            gc.collect()  # finalize them now, under the hook, not at interpreter exit
+            raise CheckpointError(f"step {step}: {failure}")
         meta = dict(restored[META] or {})
         verify(restored[STATE], meta, step)
         if translate:
@@ -356,9 +428,8 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 - any read failure means "unusable step"
                 if step == steps[0]:
                     raise CheckpointError(
-                        f"no readable checkpoint in {self.directory}: step {step} failed with "
-                        f"{short_error(error)}; move it away to start from scratch, or use a "
-                        "new --workdir"
+                        f"no readable checkpoint in {self.directory} ({short_error(error)}); "
+                        "move it away to start from scratch, or use a new --workdir"
                     ) from None
                 aside = self._set_aside(step)
                 logging.error(

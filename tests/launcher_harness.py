@@ -70,8 +70,8 @@ def last_error(done: subprocess.CompletedProcess, code: int) -> str:
     assert done.returncode == code, done.stdout[-1500:] + done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr[-3000:]
-    assert done.stderr.rstrip().splitlines()[-1] == errors[0]
-    assert "Traceback" not in done.stderr and not done.stdout.strip()
+    assert done.stderr.rstrip().splitlines()[-1] == errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not done.stdout.strip(), done.stderr[-3000:]
     return errors[0]
 
 
