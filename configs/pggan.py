@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
             keep_fraction=1.0,
             keep_seed=0,
             num_workers=0,
+            cache_mb=1024,  # decode once when the training set fits (pipeline.DecodedOnce)
             # Class-balanced epochs (multi-class, conditional models): every class is drawn
             # equally often, so a scarce class is learnt as fast as the common ones.
             balanced=False,

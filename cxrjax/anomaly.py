@@ -234,48 +234,68 @@ class DDPMScorer(Scorer):
             "score": f"{metric} between x and DDIM(q(x_t*, x)) from t* = {int(t_star)}",
         }
         schedule = diffusion_train.make_noise_schedule(run.config.diffusion)
-        prediction = run.config.diffusion.prediction
-        normal_label = self.normal_label
-        use_guidance = conditional and guidance > 0
-
-        def outputs(params, key, images, labels, indices):
-            images = images.astype(jnp.float32)
-            batch = images.shape[0]
-            if labels is None:
-                labels = jnp.full((batch,), normal_label, jnp.int32)
-            if indices is None:
-                indices = jnp.arange(batch, dtype=jnp.int32)
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices.astype(jnp.int32))
-            model_fn = unet.make_model_fn(model, params)
-
-            def one(image, image_key, label):  # one image at a time: its noise is its own
-                recon = diffusion.reconstruct(
-                    model_fn,
-                    schedule,
-                    image[None],
-                    int(t_star),
-                    image_key,
-                    sampler="ddim",
-                    steps=int(steps),
-                    labels=label[None].astype(jnp.int32) if conditional else None,
-                    eta=float(eta),
-                    prediction=prediction,
-                    guidance_scale=float(guidance) if use_guidance else None,
-                    null_id=model.null_id if use_guidance else None,
-                )
-                return recon[0]
-
-            recon = jax.vmap(one)(images, keys, labels)
-            return {
-                "score": diffusion.reconstruction_error(images, recon, metric),
-                "map": _residual_map(images, recon),
-                "reconstruction": recon,
-            }
-
-        self._outputs = jax.jit(outputs, compiler_options=parallel.cpu_compiler_options())
+        self._schedule = parallel.replicate(schedule, mesh)
+        timesteps = diffusion.ddim_timesteps(int(t_star), int(steps))
+        self._timesteps = parallel.replicate(timesteps, mesh)
+        self._outputs = _ddpm_outputs_fn(
+            model,
+            prediction=run.config.diffusion.prediction,
+            metric=metric,
+            eta=float(eta),
+            guidance=float(guidance) if conditional and guidance > 0 else None,
+            normal_label=self.normal_label,
+        )
 
     def outputs(self, images, labels=None, indices=None) -> dict[str, Any]:
-        return self._outputs(self._params, self._key, images, labels, indices)
+        return self._outputs(
+            self._params, self._schedule, self._timesteps, self._key, images, labels, indices
+        )
+
+
+@functools.lru_cache(maxsize=8)  # one compiled scorer per model and settings, shared over t*
+def _ddpm_outputs_fn(model, *, prediction, metric, eta, guidance, normal_label):
+    """(params, schedule, timesteps, key, images, labels, indices) -> DDPMScorer outputs, jitted.
+
+    t* and the DDIM steps arrive as the traced `timesteps` array, so selecting t* on validation
+    compiles once per step count rather than once per grid value.
+    """
+    conditional = model.num_classes > 0
+
+    def outputs(params, schedule, timesteps, key, images, labels, indices):
+        images = images.astype(jnp.float32)
+        batch = images.shape[0]
+        if labels is None:
+            labels = jnp.full((batch,), normal_label, jnp.int32)
+        if indices is None:
+            indices = jnp.arange(batch, dtype=jnp.int32)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices.astype(jnp.int32))
+        model_fn = unet.make_model_fn(model, params)
+
+        def one(image, image_key, label):  # one image at a time: its noise is its own
+            recon = diffusion.reconstruct(
+                model_fn,
+                schedule,
+                image[None],
+                timesteps[0],
+                image_key,
+                sampler="ddim",
+                timesteps=timesteps,
+                labels=label[None].astype(jnp.int32) if conditional else None,
+                eta=eta,
+                prediction=prediction,
+                guidance_scale=guidance,
+                null_id=model.null_id if guidance is not None else None,
+            )
+            return recon[0]
+
+        recon = jax.vmap(one)(images, keys, labels)
+        return {
+            "score": diffusion.reconstruction_error(images, recon, metric),
+            "map": _residual_map(images, recon),
+            "reconstruction": recon,
+        }
+
+    return jax.jit(outputs, compiler_options=parallel.cpu_compiler_options())
 
 
 FEATURE_SCORE = "||phi(x) - phi(x_hat)||^2 / D, phi = the extractor's features, D their dimension"

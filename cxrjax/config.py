@@ -237,6 +237,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("data.source_resolution", integer(ge=0)),
     ("data.content_resolution", integer(ge=0)),  # PGGAN: cross-checked by its driver
     ("*.num_workers", integer(ge=0)),
+    ("data.cache_mb", number(ge=0)),
     ("data.bad_records", choice("error", "mask")),
     ("*.max_bad_fraction", number(ge=0, le=1)),
     ("*.keep_fraction", number(gt=0, le=1)),
@@ -324,6 +325,9 @@ AUGMENT_OFF = dict(
     hflip=False,
     fill=0,
 )
+# Data fields that change how fast batches arrive, never which: outside every run's config
+# hash, free to change on resume and to differ from a shipped generator's config.
+THROUGHPUT_FIELDS = ("data.num_workers", "data.cache_mb")
 # The scarce training split (mixing.scarce_indices): keep `keep_fraction` of class `keep_class`
 # ("" = all records), chosen by `keep_seed`.
 SCARCITY = dict(keep_class="", keep_fraction=1.0, keep_seed=0)
@@ -339,6 +343,9 @@ def data_block(*, augment: dict | None = None, **fields: Any) -> ml_collections.
         labels="",
         train_split="train",
         num_workers=0,
+        # Training sets whose decoded images fit in this many MiB are decoded once and kept in
+        # memory (pipeline.DecodedOnce); 0 decodes on every read. Same batches either way.
+        cache_mb=1024,
         skip_corrupt=False,
         # Unreadable training images: "error" stops naming the record; "mask" swaps in the
         # next readable one and counts it, stopping above max_bad_fraction of those seen.

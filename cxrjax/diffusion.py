@@ -293,11 +293,10 @@ def _maybe_guided(model_fn, guidance_scale, null_id):
 
 def _sample_loop(step_fn, x_t: jax.Array, ts: np.ndarray, rng: jax.Array) -> jax.Array:
     """Scan `step_fn(x, (t, t_prev, key)) -> x` over consecutive pairs of `ts` then -1 (clean)."""
-    t_prev = np.append(ts[1:], -1).astype(np.int32)
+    ts = jnp.asarray(ts, jnp.int32)  # traced or concrete: one compile per length, not per value
+    t_prev = jnp.append(ts[1:], -1).astype(jnp.int32)
     keys = jax.random.split(rng, len(ts))
-    x, _ = jax.lax.scan(
-        lambda x, xs: (step_fn(x, xs), None), x_t, (jnp.asarray(ts), jnp.asarray(t_prev), keys)
-    )
+    x, _ = jax.lax.scan(lambda x, xs: (step_fn(x, xs), None), x_t, (ts, t_prev, keys))
     return x
 
 
@@ -439,19 +438,22 @@ def reconstruct(
     null_id: int | None = None,
     clip_x0: bool = True,
     variance: str = "small",
+    timesteps: jax.Array | None = None,
 ) -> jax.Array:
     """Partial diffusion for anomaly scoring: noise x_0 to index t_star, then denoise back.
 
     A model trained on normal images pulls the noised image back towards normal anatomy, so the
     difference to the input highlights what it cannot explain. `t_star` (static) sets how much is
     destroyed; `steps` (static, DDIM only, default t_star + 1) how many denoising steps are used.
+    `timesteps` (DDIM only): the descending indices to visit instead, `ddim_timesteps(t_star,
+    steps)`; then `t_star` may be traced, so one compiled scorer serves every t*.
     """
     noise_rng, loop_rng = jax.random.split(rng)
     t = jnp.full((x0.shape[0],), t_star, jnp.int32)
     x_t = q_sample(schedule, x0, t, jax.random.normal(noise_rng, x0.shape, x0.dtype))
     model_fn = _maybe_guided(model_fn, guidance_scale, null_id)
     if sampler == "ddim":
-        ts = ddim_timesteps(t_star, steps or t_star + 1)
+        ts = ddim_timesteps(t_star, steps or t_star + 1) if timesteps is None else timesteps
         return _ddim_loop(
             model_fn,
             schedule,
@@ -464,6 +466,8 @@ def reconstruct(
             clip_x0=clip_x0,
         )
     if sampler == "ddpm":
+        if timesteps is not None:
+            raise ValueError("timesteps apply to the DDIM sampler only")
         return _ddpm_loop(
             model_fn, schedule, x_t, t_star, loop_rng, labels, prediction, clip_x0, variance
         )

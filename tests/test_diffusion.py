@@ -495,6 +495,22 @@ def test_sampler_compiles_once_and_same_key_same_sample(tiny_cond, linear):
     assert float(jnp.abs(a).max()) <= 1.0 + 1e-5  # clipped x0 on the last step
 
 
+def test_reconstruct_with_traced_timesteps_matches_static_and_compiles_once(linear):
+    model = lambda x, t, labels: 0.3 * x + 1e-4 * t[:, None, None, None].astype(x.dtype)
+    x0 = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1), minval=-1.0, maxval=1.0)
+    key = jax.random.key(0)
+    traced = jax.jit(
+        lambda ts: diffusion.reconstruct(model, linear, x0, ts[0], key, timesteps=ts, eta=0.5)
+    )
+    for t_star in (100, 300):
+        static = diffusion.reconstruct(model, linear, x0, t_star, key, steps=5, eta=0.5)
+        got = traced(diffusion.ddim_timesteps(t_star, 5))
+        np.testing.assert_allclose(got, static, rtol=1e-5, atol=1e-6)
+    assert traced._cache_size() == 1  # one compile serves every t*
+    with pytest.raises(ValueError, match="DDIM"):
+        diffusion.reconstruct(model, linear, x0, 5, key, "ddpm", timesteps=np.arange(5)[::-1])
+
+
 def test_reconstruct_partial_diffusion(linear):
     """With the oracle for point-mass data, any t* reconstructs that point: error ~ 0."""
     c = 0.25

@@ -286,6 +286,41 @@ class DecodeOrMask(grain.MapDataset):
         return "DecodeOrMask()"
 
 
+class DecodedOnce:
+    """A record source decoded and resized on each record's first read, then served from memory.
+
+    A training run reads every record once per epoch; for a dataset whose decoded images fit
+    in memory (PneumoniaMNIST, Kermany at 128 px) the read, TFDS's record parsing and the
+    PNG decode cost more CPU than a small model's train step, on the cores that run it.
+    Holds about len(source) * size**2 bytes, filled lazily (by each worker, with workers).
+    """
+
+    def __init__(self, source: Any, size: int, content: int = 0):
+        self._source = source
+        self._decode = transforms.DecodeImage()
+        self._resize = transforms.ResizeImage(size, content)
+        self._records: list[dict | None] = [None] * len(source)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        record = self._records[index]
+        if record is None:  # two threads may both decode it: the same bytes, no harm
+            record = self._resize.map(self._decode.map(self._source[index]))
+            self._records[index] = record
+        return dict(record)
+
+    def __str__(self) -> str:
+        return f"DecodedOnce({self._source})"
+
+
+def decoded_fits(num_records: int, resolution: int, budget_mb: float) -> bool:
+    """Whether `num_records` gray images at `resolution` px fit in `budget_mb` MiB."""
+    return num_records * resolution * resolution <= budget_mb * 2**20
+
+
 def _resolution(resolution: int | None, spec: sources.DatasetSpec) -> int:
     resolution = spec.resolution if resolution is None else resolution
     if resolution is None or resolution <= 0:
@@ -332,6 +367,7 @@ def make_train_dataset(
     num_workers: int = 0,
     num_threads: int = 2,
     bad_records: str = "error",
+    cache_mb: float = 0,
     process_index: int | None = None,
     process_count: int | None = None,
     device_count: int | None = None,
@@ -352,6 +388,8 @@ def make_train_dataset(
     `bad_records`: "error" (an unreadable image stops the run, naming the record) or "mask"
     (it is logged and replaced by the next readable record with `mask` False; batches then
     carry a bool `mask` field). See BAD_RECORD_POLICIES.
+    `cache_mb` > 0: a source whose decoded images fit in that many MiB is decoded once and
+    kept in memory (`DecodedOnce`; "error" policy only). The batches are the same.
     """
     if bad_records not in BAD_RECORD_POLICIES:
         raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got {bad_records!r}")
@@ -365,7 +403,12 @@ def make_train_dataset(
     # One global example stream, identical on every process: shuffled (or class-balanced) per
     # epoch, decoded and augmented lazily by stream position; each process then reads only its
     # rows of each global batch (ProcessSlice), so its reads are disjoint from the others'.
-    ds = grain.MapDataset.source(mixed)
+    # Decoding once: a strict run ("error") only; "mask" substitutes by stream position.
+    decoded_once = bad_records == "error" and decoded_fits(len(mixed), resolution, cache_mb)
+    if decoded_once:
+        ds = grain.MapDataset.source(DecodedOnce(mixed, resolution, content_resolution))
+    else:
+        ds = grain.MapDataset.source(mixed)
     if balanced:
         labels = mixing.read_labels(mixed) if labels is None else np.asarray(labels)
         if len(labels) != len(mixed):
@@ -385,9 +428,10 @@ def make_train_dataset(
 
     if bad_records == "mask":
         ds = DecodeOrMask(ds)
-    else:
+    elif not decoded_once:
         ds = ds.map(transforms.DecodeImage())
-    ds = ds.map(transforms.ResizeImage(resolution, content_resolution))
+    if not decoded_once:
+        ds = ds.map(transforms.ResizeImage(resolution, content_resolution))
     if augment.enabled:
         # The rng is keyed by (seed, position in the repeated stream) = (seed, epoch, index).
         ds = ds.random_map(transforms.RandomAugment(augment), seed=derive_seed(seed, 2))

@@ -42,7 +42,6 @@ from cxrjax.train import workdir as workdir_lib
 # are checked by their drivers).
 HARMLESS = (
     *workdir_lib.HARMLESS,
-    "data.num_workers",
     "quality.batch_size",
     *(f"{family}.train.log_every" for family in ("classifier", "pggan", "ddpm", "judge")),
     *(field for field, _ in launchers.RULES),  # where sub-runs run, never what they compute

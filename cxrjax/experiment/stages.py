@@ -29,7 +29,7 @@ SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resource
 SHIPPED_HARMLESS = (
     "data.data_dir",
     "data.manual_dir",
-    "data.num_workers",
+    *config_lib.THROUGHPUT_FIELDS,
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",

@@ -167,7 +167,7 @@ def data_options(config, run_config) -> tuple[str, dict[str, Any]]:
 HASH_IGNORE = (
     "train.log_every",
     "train.checkpoint_every",
-    "data.num_workers",
+    *config_lib.THROUGHPUT_FIELDS,
     "eval",
     "ddpm",
     *pipeline.POLICY_FIELDS,

@@ -83,7 +83,7 @@ SIGNATURE_DATA_FIELDS = (*mixing.SUBSET_FIELDS, "data.synthetic", "data.oversamp
 # Fields outside the config hash that checks a resumed run is the same run.
 HASH_IGNORE = (
     "train.log_every",
-    "data.num_workers",
+    *config_lib.THROUGHPUT_FIELDS,
     "eval.bootstrap",
     *SIGNATURE_DATA_FIELDS,
     *pipeline.POLICY_FIELDS,

@@ -36,7 +36,7 @@ from cxrjax.train.diffusion import (
 # enter the signature's "dataset" string when set instead, so older checkpoints still resume.
 HASH_IGNORE = (
     "train.log_every",
-    "data.num_workers",
+    *config_lib.THROUGHPUT_FIELDS,
     "train.sample_every",
     "sample",
     *mixing.SUBSET_FIELDS,

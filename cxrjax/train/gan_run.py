@@ -31,7 +31,7 @@ from cxrjax.train import results as results_lib
 # enter the signature's "dataset" string when set instead, so older checkpoints still resume.
 HASH_IGNORE = (
     "train.log_every",
-    "data.num_workers",
+    *config_lib.THROUGHPUT_FIELDS,
     "train.checkpoint_every",
     *mixing.SUBSET_FIELDS,
     *pipeline.POLICY_FIELDS,

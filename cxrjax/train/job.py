@@ -143,6 +143,7 @@ def train_iterator(
         augment=data.augment,
         normalization=normalization,
         num_workers=int(data.num_workers),
+        cache_mb=float(data.get("cache_mb", 0)),
         **pipeline.bad_record_options(data),
         **options,
     )

@@ -197,6 +197,46 @@ def test_corrupt_png_names_the_record():
         next(_train(records))
 
 
+class _CountingSource:
+    """RECORDS, counting how often each record is read."""
+
+    def __init__(self, records):
+        self.records, self.reads = records, np.zeros(len(records), int)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        self.reads[index] += 1
+        return self.records[index]
+
+
+@pytest.mark.parametrize("augment", [{"enabled": False}, None])
+def test_decoding_once_gives_the_same_batches_and_reads_each_record_once(augment):
+    streamed, cached = _CountingSource(RECORDS), _CountingSource(RECORDS)
+    want = _take(_train(streamed, augment=augment, cache_mb=0), 14)  # over two epochs
+    got = _take(_train(cached, augment=augment, cache_mb=1), 14)
+    _assert_batches_equal(got, want)
+    assert streamed.reads.min() >= 2 and cached.reads.max() == 1
+    # Over budget (48 records of 16 x 16 px = 12 KiB > 11 KiB): every read decodes again.
+    over = _CountingSource(RECORDS)
+    _take(_train(over, cache_mb=11 / 1024), 14)
+    assert over.reads.min() >= 2
+
+
+def test_decoded_fits_counts_gray_bytes():
+    assert pipeline.decoded_fits(1024, 32, 1.0)  # 1024 * 32 * 32 bytes = 1 MiB
+    assert not pipeline.decoded_fits(1025, 32, 1.0)
+    assert not pipeline.decoded_fits(1, 1, 0)
+
+
+def test_corrupt_png_names_the_record_when_decoding_once():
+    records = list(RECORDS[:8])
+    records[5] = dict(records[5], image=records[5]["image"][:30], id="bad-005.png")
+    with pytest.raises(imageio.CorruptImageError, match=r"bad-005\.png"):
+        next(_train(records, cache_mb=1))
+
+
 def test_describe_batches_reports_real_statistics():
     description = pipeline.describe_batches(_train(), 2, SPEC)
     assert description["fields"]["image"]["shape"] == [8, 16, 16, 1]

@@ -222,6 +222,12 @@ def test_ddpm_scorer_and_evaluation(ddpm_workdir, shipped_data_dir, tmp_path):
     assert not np.allclose(moved, scores, rtol=1e-6)
     with pytest.raises(config_lib.ConfigError, match="t_star"):
         anomaly.load_scorer("ddpm", workdir, t_star=5000)
+    # Another t* (a validation grid): the same compiled function, other scores.
+    other = anomaly.load_scorer("ddpm", workdir, t_star=40, steps=2)
+    compiled = scorer._outputs._cache_size()
+    assert other._outputs is scorer._outputs
+    assert not np.allclose(other(images)[0], scores)
+    assert scorer._outputs._cache_size() == compiled
 
     config = tiny_config(workdir, method="ddpm")
     results = anomaly_run.train_and_evaluate(config, str(tmp_path / "wd"))
