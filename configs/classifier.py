@@ -127,7 +127,15 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.eval = ml_collections.ConfigDict(
-        dict(batch_size=256, threshold="youden", bootstrap=1000, confidence=0.95)
+        dict(
+            batch_size=256,
+            threshold="youden",
+            bootstrap=1000,
+            confidence=0.95,
+            # roc.png and reliability.png in the workdir (~0.5 s of matplotlib per run; the
+            # experiment draws its own figures across seeds and turns these off).
+            figures=True,
+        )
     )
     return config
 

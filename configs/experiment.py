@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.arms = ARMS
     config.classifier = classifier.get_config("tiny")
     config.classifier.data.augment.enabled = False  # only the "augmented" arm augments
+    config.classifier.eval.figures = False  # the report draws ROC curves across seeds
     config.pggan = pggan.get_config("pneumonia_mnist")
     config.pggan.data.balanced = True
     config.ddpm = ddpm.get_config("pneumonia_mnist")

@@ -216,6 +216,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     *((f"*{name}", Rule(BOOL)) for name in ("enabled", "hflip", "remat", "conditional")),
     *((f"*{name}", Rule(BOOL)) for name in ("balanced", "skip_corrupt", "require_pretrained")),
     ("loss.cls_reals_only", Rule(BOOL)),
+    ("eval.figures", Rule(BOOL)),
     ("loss.diffaugment", text()),
     ("loss.conditioning", choice("", "projection")),
     ("preset", text()),

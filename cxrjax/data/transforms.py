@@ -227,6 +227,19 @@ class RandomAugment(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
+class Chain(grain.transforms.Map):
+    """Several Maps applied as one Grain stage: each stage costs per-element bookkeeping
+    (statistics, byte counts) comparable to a small transform's own work."""
+
+    maps: tuple[grain.transforms.Map, ...]
+
+    def map(self, record):
+        for transform in self.maps:
+            record = transform.map(record)
+        return record
+
+
+@dataclasses.dataclass(frozen=True)
 class ToFloat(grain.transforms.Map):
     """Converts uint8 `image` [H, W] to normalised float32 [H, W, 1]."""
 

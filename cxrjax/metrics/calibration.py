@@ -89,6 +89,30 @@ def _point(labels: np.ndarray, probs: np.ndarray, num_bins: int) -> dict[str, fl
     return {"ece": ece(prob, outcome, num_bins), "brier": brier(labels, probs)}
 
 
+def _resampled_points(
+    labels: np.ndarray, probs: np.ndarray, num_bins: int, draws: np.ndarray
+) -> dict[str, np.ndarray]:
+    """`_point` of every bootstrap resample (rows of `draws` [B, N]) at once (not multi-label).
+
+    Per resample, ECE = sum over bins |sum(outcome) - sum(prob)| / N (the count-weighted gap
+    of `ece`); one offset bincount bins all resamples together.
+    """
+    prob, outcome = _targets(labels, probs)
+    if _kind(labels, probs) == "multiclass":
+        one_hot = np.eye(probs.shape[1])[labels.astype(int)]
+        squared = np.sum((probs - one_hot) ** 2, axis=1)
+    else:
+        squared = (prob - outcome) ** 2
+    bins = np.clip((prob * num_bins).astype(int), 0, num_bins - 1)
+    num_draws, n = draws.shape
+    flat = (bins[draws] + num_bins * np.arange(num_draws)[:, None]).ravel()
+    size = num_draws * num_bins
+    sums = np.bincount(flat, weights=prob[draws].ravel(), minlength=size)
+    hits = np.bincount(flat, weights=outcome[draws].ravel(), minlength=size)
+    gaps = np.abs(hits - sums).reshape(num_draws, num_bins)
+    return {"ece": gaps.sum(axis=1) / n, "brier": squared[draws].mean(axis=1)}
+
+
 def summarize(
     labels: Any,
     probs: Any,
@@ -113,12 +137,15 @@ def summarize(
     result.update(_point(labels, probs, num_bins))
     if n_bootstrap:
         rng = np.random.default_rng(seed)
-        draws = {"ece": [], "brier": []}
-        for _ in range(n_bootstrap):
-            index = rng.integers(0, len(labels), len(labels))
-            point = _point(labels[index], probs[index], num_bins)
-            for key in draws:
-                draws[key].append(point[key])
+        indices = np.stack([rng.integers(0, len(labels), len(labels)) for _ in range(n_bootstrap)])
+        if kind == "multilabel":
+            draws = {"ece": [], "brier": []}
+            for index in indices:
+                point = _point(labels[index], probs[index], num_bins)
+                for key in draws:
+                    draws[key].append(point[key])
+        else:
+            draws = _resampled_points(labels, probs, num_bins, indices)
         tail = 100 * (1 - level) / 2
         for key, values in draws.items():
             low, high = np.percentile(values, [tail, 100 - tail])

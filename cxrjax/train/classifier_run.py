@@ -85,6 +85,7 @@ HASH_IGNORE = (
     "train.log_every",
     *config_lib.THROUGHPUT_FIELDS,
     "eval.bootstrap",
+    "eval.figures",
     *SIGNATURE_DATA_FIELDS,
     *pipeline.POLICY_FIELDS,
 )
@@ -305,21 +306,32 @@ class ClassifierJob(job_lib.Job):
             labels=train_labels,
         )
 
+        eval_datasets = {}
+
         def eval_batches(split):
-            return pipeline.make_eval_dataset(
-                splits[split],
-                spec,
-                global_batch_size=config.eval.batch_size,
-                resolution=resolution,
-                normalization=normalization,
-                num_workers=config.data.num_workers,
-            )
+            # One dataset per split, iterated again at each evaluation: its decoded images
+            # are kept when they fit in data.cache_mb.
+            if split not in eval_datasets:
+                eval_datasets[split] = pipeline.make_eval_dataset(
+                    splits[split],
+                    spec,
+                    global_batch_size=config.eval.batch_size,
+                    resolution=resolution,
+                    normalization=normalization,
+                    num_workers=config.data.num_workers,
+                    cache_mb=float(config.data.get("cache_mb", 0)),
+                )
+            return eval_datasets[split]
 
         plateau = classifier_lib.ValPlateau(config, spec, weights, replicated, train_step)
 
+        # Validation predictions per evaluated step: the final evaluation of the selected
+        # checkpoint reuses them instead of predicting the same images with the same weights.
+        val_predictions: dict[int, dict[str, np.ndarray]] = {}
+
         def eval_fn(state, step):
-            del step
             out = predict_split(predict, state, eval_batches("val"), mesh)
+            val_predictions[int(step)] = out
             result = cls_metrics.evaluate(
                 out["labels"], out["probs"], class_names=spec.class_names, n_bootstrap=0
             )
@@ -346,6 +358,7 @@ class ClassifierJob(job_lib.Job):
             extra=dict(
                 spec=spec, splits=splits, predict=predict, eval_batches=eval_batches,
                 train_records=len(train_source), training_data=training_data,
+                val_predictions=val_predictions,
             ),
         )  # fmt: skip
 
@@ -365,6 +378,7 @@ class ClassifierJob(job_lib.Job):
             extra["eval_batches"],
             ended.mesh,
             ended.workdir,
+            val=extra["val_predictions"].get(int(selected_step)),
             extra={
                 "selected_step": int(selected_step),
                 "num_steps": int(config.train.num_steps),
@@ -403,9 +417,15 @@ def train_and_evaluate(
     return job_lib.train(JOB, config, workdir, stop_at=stop_at, **workdir_options)
 
 
-def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, *, extra) -> dict:
-    """Threshold on validation, then the one read of test; writes JSON, Markdown and ROC PNG."""
-    val = predict_split(predict, state, eval_batches("val"), mesh)
+def final_evaluation(
+    config, spec, predict, state, eval_batches, mesh, workdir, *, extra, val=None
+) -> dict:
+    """Threshold on validation, then the one read of test; writes JSON, Markdown and ROC PNG.
+
+    `val`: this state's validation predictions when the run already made them (periodic eval).
+    """
+    if val is None:
+        val = predict_split(predict, state, eval_batches("val"), mesh)
     threshold = cls_metrics.select_threshold(
         val["labels"], val["probs"], config.eval.threshold, class_names=spec.class_names
     )
@@ -418,7 +438,8 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
     val_result = cls_metrics.evaluate(val["labels"], val["probs"], threshold=threshold, **common)
     test = predict_split(predict, state, eval_batches("test"), mesh)  # The only read of test.
     test_result = cls_metrics.evaluate(test["labels"], test["probs"], threshold=threshold, **common)
-    figure = os.path.join(workdir, "reliability.png") if parallel.is_main_process() else None
+    figures = bool(config.eval.get("figures", True)) and parallel.is_main_process()
+    figure = os.path.join(workdir, "reliability.png") if figures else None
     extra = {**extra, "calibration": calibration.evaluate(val, test, **common, figure_path=figure)}
     if chexnet.applies(spec.class_names):  # the NIH findings: the paper's AUCs beside ours
         extra["chexnet_comparison"] = chexnet.comparison(test_result)
@@ -444,7 +465,7 @@ def final_evaluation(config, spec, predict, state, eval_batches, mesh, workdir, 
         fileio.save_npz(os.path.join(workdir, "test_predictions.npz"), **test)
         fileio.save_npz(os.path.join(workdir, "val_predictions.npz"), **val)
         curves = {"test": (test["labels"], test["probs"]), "val": (val["labels"], val["probs"])}
-        if spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
+        if figures and spec.label_kind == sources.MULTICLASS and spec.num_classes == 2:
             report.save_roc_curves(curves, os.path.join(workdir, "roc.png"), title="ROC (DenseNet)")
         write_markdown(os.path.join(workdir, "results.md"), results)
     return results

@@ -39,7 +39,7 @@ from cxrjax import fileio
 
 # Fields that may differ between the recorded and the requested config: they change how often
 # a run logs or how fast it reads/evaluates, never a number it reports.
-HARMLESS = ("train.log_every", "eval.batch_size", *config_lib.THROUGHPUT_FIELDS)
+HARMLESS = ("train.log_every", "eval.batch_size", "eval.figures", *config_lib.THROUGHPUT_FIELDS)
 CONFIG_FILE, RESULTS_FILE, CHANGES_FILE = "config.json", "results.json", "config_changes.json"
 # What --overwrite removes: the files runs write, never anything else in the folder.
 RUN_FILES = (

@@ -67,6 +67,24 @@ def test_each_epoch_is_a_fresh_permutation():
     assert not np.array_equal(epochs[0], epochs[1])
 
 
+def test_shuffled_epochs_smaller_than_a_batch_stay_permutations_and_pickle():
+    """A 5-record set under batches of 8 (the CAS case: epochs end inside batches)."""
+    import pickle
+
+    parent = grain.MapDataset.range(5)
+    ds = pipeline.ShuffledEpochs(parent, seed=3, num_epochs=4)
+    order = [ds[i] for i in range(len(ds))]
+    assert len(ds) == 20
+    epochs = [order[i : i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(e) == list(range(5)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled, not one order repeated
+    assert [pickle.loads(pickle.dumps(ds))[i] for i in range(20)] == order
+    assert [pipeline.ShuffledEpochs(parent, seed=3)[i] for i in range(20)] == order
+    assert order != [pipeline.ShuffledEpochs(parent, seed=4)[i] for i in range(20)]
+    with pytest.raises(ValueError, match="empty"):
+        pipeline.ShuffledEpochs(grain.MapDataset.range(0), seed=0)
+
+
 def test_processes_split_each_global_batch_whatever_the_process_count():
     records = _png_records(np.arange(49) % 2)
     single = _take(_train(records), 14)  # global batch 8, augmentation on, crosses epochs
@@ -222,6 +240,18 @@ def test_decoding_once_gives_the_same_batches_and_reads_each_record_once(augment
     over = _CountingSource(RECORDS)
     _take(_train(over, cache_mb=11 / 1024), 14)
     assert over.reads.min() >= 2
+
+
+def test_cached_eval_dataset_gives_the_same_batches_and_decodes_once_over_passes():
+    streamed, cached = _CountingSource(RECORDS[:45]), _CountingSource(RECORDS[:45])
+    args = dict(global_batch_size=8, process_index=1, process_count=2, device_count=2)
+    plain = pipeline.make_eval_dataset(streamed, SPEC, **args)
+    kept = pipeline.make_eval_dataset(cached, SPEC, cache_mb=1, **args)
+    want = list(plain)
+    for _ in range(3):  # periodic validation iterates the same dataset again
+        _assert_batches_equal(list(kept), want)
+    assert cached.reads.sum() == 22 and cached.reads.max() == 1  # process 1's 22 records
+    assert list(plain) and streamed.reads.max() == 2
 
 
 def test_decoded_fits_counts_gray_bytes():

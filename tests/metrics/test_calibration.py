@@ -64,3 +64,15 @@ def test_temperature_scaling_fixes_overconfidence_and_keeps_ranking(tmp_path):
     assert (tmp_path / "rel.png").stat().st_size > 1000
     text = calibration.markdown(result)
     assert "| test |" in text and "![Reliability diagram](rel.png)" in text
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_bootstrap_resamples_scored_at_once_equal_one_by_one(num_classes):
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(num_classes), 300)
+    labels = rng.integers(0, num_classes, 300)
+    draws = np.stack([rng.integers(0, 300, 300) for _ in range(40)])
+    together = calibration._resampled_points(labels, probs, 10, draws)
+    one_by_one = [calibration._point(labels[d], probs[d], 10) for d in draws]
+    for key in ("ece", "brier"):
+        np.testing.assert_allclose(together[key], [p[key] for p in one_by_one], atol=1e-12)
