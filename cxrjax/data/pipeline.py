@@ -239,9 +239,7 @@ class ShuffledEpochs(_EpochPlans):
 
     def _make_plan(self, epoch: int) -> np.ndarray:
         words = [int(self._seed), int(epoch)]
-        return np.random.default_rng(np.random.SeedSequence(words)).permutation(
-            self._epoch_length
-        )
+        return np.random.default_rng(np.random.SeedSequence(words)).permutation(self._epoch_length)
 
     def __str__(self) -> str:
         return f"ShuffledEpochs(records={self._epoch_length})"
