@@ -458,6 +458,21 @@ def test_report_text_follows_the_config(smoke_run):
         c["val"].update(mean=0.03, ci=[0.01, 0.05])
         c["paired_t"]["mean"] = 0.01
 
+    def gate_passed_and_val(ci):
+        def edit(r):
+            for c in r["evaluation"]["comparisons"]:
+                if c.get("primary"):
+                    c["val"].update(mean=sum(ci) / 2, ci=ci)
+            for q in r["quality"].values():
+                q["gate"].update(adequate=True, failed_classes=[])
+
+        return edit
+
+    lost = text(_edited(base, gate_passed_and_val([-0.03, -0.01])))
+    assert "But validation already showed the loss (-0.020, CI [-0.030, -0.010])" in lost
+    fine = text(_edited(base, gate_passed_and_val([-0.01, 0.03])))
+    assert "Passing the gate does not make a generator useful" not in fine
+
     first = base["evaluation"]["comparisons"][0]
     disagree = f"Validation and test disagree for {report.label(first['arm'])}"
     assert disagree in text(_edited(base, split_shift))

@@ -176,8 +176,32 @@ def opening(results: Mapping[str, Any]) -> list[str]:
             )
         elif gate is not None:
             sentence += f" The {kind.upper()} generator passed the quality gate."
+            sentence += _gate_disagrees(results, c, arm, kind)
         lines.append(sentence)
     return lines
+
+
+def _gate_disagrees(results: Mapping[str, Any], c: Mapping[str, Any], arm: str, kind: str) -> str:
+    """When an arm whose generator passed the gate lost on validation (CI below 0): the gate's
+    proxy and the direct measure of usefulness disagree, which the reader must be told."""
+    val = c.get("val") or {}
+    ci = val.get("ci")
+    if not ci or ci[1] is None or ci[1] >= 0:
+        return ""
+    variant = results.get("quality", {}).get(kind, {}).get("variants", {}).get(arm, {})
+    diversity = ""
+    if variant.get("recall") is not None and variant.get("coverage") is not None:
+        diversity = (
+            f" (its scarce-class images' recall {variant['recall']:.2f} and coverage "
+            f"{variant['coverage']:.2f} of real validation images: how much of the real "
+            "variety they span)"
+        )
+    return (
+        f" But validation already showed the loss ({val['mean']:+.3f}, CI {_ci_text(ci)}): "
+        "class fidelity, the gate's measure, passed images that do not help this "
+        f"classifier{diversity}. Passing the gate does not make a generator useful; this "
+        "arm's validation difference is the direct measure."
+    )
 
 
 # ----------------------------------------------------------------------------- tables

@@ -320,15 +320,14 @@ def _synthesize(synthesize_fn, kind, generator_dir, folder, num_images, config, 
     return provenance
 
 
-def synthesize_set(kind, generator_dir, folder, *, num_images, label, seed, config, mode="new"):
+def synthesize_set(kind, generator_dir, folder, *, num_images, label, seed, config):
     """`synthesis.synthesize` unless `folder` already holds this exact set."""
     from cxrjax import synthesis
 
     done = _provenance_matches(folder, num_images, seed, config)
-    if done is not None and mode == "new":
+    if done is not None:
         return done
-    if mode == "new":
-        _fresh(folder)
+    _fresh(folder)
     return _synthesize(
         synthesis.synthesize,
         kind,
@@ -338,7 +337,6 @@ def synthesize_set(kind, generator_dir, folder, *, num_images, label, seed, conf
         config,
         label=label,
         seed=int(seed),
-        mode=mode,
     )
 
 
@@ -517,17 +515,17 @@ def synthesize_all(config, workdir, data, judge, real_probs, stop) -> dict[str, 
             done = read_json(os.path.join(cfolder, "provenance.json")) or {}
             if done.get("counts") != {name: n for name in spec.class_names}:
                 _fresh(cfolder)
-                for offset, name in enumerate(spec.class_names):
-                    synthesize_set(
-                        kind,
-                        generator_dir,
-                        cfolder,
-                        num_images=n,
-                        label=name,
-                        seed=config.synthesis.seed + 50 + offset,
-                        config=config,
-                        mode="new" if offset == 0 else "append",
-                    )
+                # One call, image i of class i mod K: every class shares the sampler's batches
+                # (per-class calls each padded a batch: 2 x 64 samples for 2 x 12 images).
+                synthesize_set(
+                    kind,
+                    generator_dir,
+                    cfolder,
+                    num_images=n * len(spec.class_names),
+                    label=None,
+                    seed=config.synthesis.seed + 50,
+                    config=config,
+                )
             sets[f"{kind}_cas"] = {
                 "generator": kind,
                 "folder": cfolder,
