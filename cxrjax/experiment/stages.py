@@ -516,7 +516,7 @@ def synthesize_all(config, workdir, data, judge, real_probs, stop) -> dict[str, 
             if done.get("counts") != {name: n for name in spec.class_names}:
                 _fresh(cfolder)
                 # One call, image i of class i mod K: every class shares the sampler's batches
-                # (per-class calls each padded a batch: 2 x 64 samples for 2 x 12 images).
+                # (per-class calls each padded a whole batch of the sampler).
                 synthesize_set(
                     kind,
                     generator_dir,
