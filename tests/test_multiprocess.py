@@ -26,11 +26,12 @@ from cxrjax.train import diffusion as ddpm
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "tests", "faults", "toy_trainer.py")
 # Two processes sum gradients and batch statistics (gloo all-reduce) in another order than one
-# process does; after the tiny run's steps the state differs by float32 rounding, up to 7e-6
-# absolute / 2e-5 relative (measured: the BatchNorm running means and variances of the first
-# blocks, then the conv kernels they feed). A wrong batch split, batch statistics from one
-# shard, or a lost gradient shard moves the same values by 1e-2 or more.
-FLOAT_ORDER_RTOL, FLOAT_ORDER_ATOL = 1e-4, 1e-5
+# process does; after the tiny run's steps the state differs by float32 rounding, up to 1.2e-5
+# absolute on a conv kernel entry of 1.2e-3 (Adam's normalised step amplifies rounding where
+# gradients are near zero; the data order of 2026-12-03; an earlier order gave 7e-6). A wrong
+# batch split, batch statistics from one shard, or a lost gradient shard moves the same values
+# by 1e-2 or more.
+FLOAT_ORDER_RTOL, FLOAT_ORDER_ATOL = 1e-4, 5e-5
 
 
 def _free_port() -> int:
