@@ -10,6 +10,7 @@ traceback (a bug to report). Validation runs before any directory is created.
 
 from __future__ import annotations
 
+import atexit
 import logging as std_logging
 import os
 import sys
@@ -58,7 +59,26 @@ def fail(error: BaseException | str, code: int = 2) -> None:
     """Prints `error: <one line>` to stderr and exits with `code` (no traceback)."""
     message = error if isinstance(error, str) else one_line(error)
     print(f"error: {message}", file=sys.stderr, flush=True)
+    atexit.unregister(_quiet_stderr_at_exit)  # registered at most once
+    atexit.register(_quiet_stderr_at_exit)
     sys.exit(code)
+
+
+def _quiet_stderr_at_exit() -> None:
+    """At interpreter exit after an error line, stderr (fd 2) goes to /dev/null.
+
+    A failed Orbax restore can leave TensorStore reads in flight; on a loaded CPU their tasks
+    are finalized during shutdown and print tracebacks after the one line the user must see
+    last. Registered after logging's own exit handler, so it runs before logging shuts down
+    and before leftover objects are finalized; a process that did not fail never registers it.
+    """
+    try:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
